@@ -1,0 +1,51 @@
+"""Fully connected SphereConv: g(theta) between each weight row and the input vector (Liu et al., NIPS 2017)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
+from .conv import filter_norm, tail_dtype
+from .operators import angular_activation
+
+
+def linear_cosine(lin: Tensor, input: Tensor, weight: Tensor, eps: float = 1e-4) -> Tensor:
+    """cos theta from a raw ``F.linear(input, weight)`` output (*, out), in the tail dtype."""
+    dtype = tail_dtype(lin.dtype)
+    x_norm = torch.sqrt(input.to(dtype).square().sum(-1, keepdim=True) + eps)  # (*, 1)
+    return lin.to(dtype) / x_norm / filter_norm(weight.to(dtype), eps)  # (*, out)
+
+
+def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, operator: str = "cosine",
+                  sigmoid_k: float | Tensor | None = 0.3, eps: float = 1e-4) -> Tensor:
+    """g(theta(W_j, x)) (+ bias) for every output unit j.
+
+    Args:
+        input: (*, in_features).
+        weight: (out_features, in_features).
+        bias: optional (out_features,), added after g.
+        operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
+        sigmoid_k: k of the sigmoid operators (a number, or an (out_features,) tensor of effective k).
+        eps: added to both squared norms before the square root.
+
+    Returns:
+        (*, out_features) in [-1, 1] before the bias.
+    """
+    check_tensor("input", input)
+    check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-d (out_features, in_features); got shape {tuple(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dim must be in_features={weight.shape[1]}; got shape {tuple(input.shape)}")
+    check_operator(operator)
+    eps = check_positive("eps", eps)
+    if operator in ("sigmoid", "learnable_sigmoid"):
+        check_sigmoid_k(sigmoid_k)
+    lin = F.linear(input, weight)  # (*, out)
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        cos = linear_cosine(lin, input, weight, eps)
+        out = angular_activation(cos, operator, sigmoid_k, dim=-1)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+    return out.to(lin.dtype)

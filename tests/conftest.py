@@ -1,0 +1,44 @@
+"""Shared test settings: tolerances and the device live here and nowhere else.
+
+The device comes from TORCHSPHERE_TEST_DEVICE (default "cpu"); inputs are drawn on the CPU RNG and then moved, so
+CPU and GPU runs see identical data.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# (rtol, atol) per dtype
+TOL = {
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-7, 1e-10),
+}
+# absolute tolerance of the ops against their slow float64 references (issue 2)
+REF_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# low-precision autocast vs float32, for values in [-1, 1]
+AUTOCAST_ATOL = 3e-2
+
+DEVICE = torch.device(os.environ.get("TORCHSPHERE_TEST_DEVICE", "cpu"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw) -> None:
+    """torch.testing.assert_close with the tolerances of ``dtype`` (default: actual's dtype)."""
+    rtol, atol = TOL[dtype or actual.dtype]
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=kw.pop("rtol", rtol),
+                               atol=kw.pop("atol", atol), **kw)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

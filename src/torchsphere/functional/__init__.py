@@ -2,6 +2,7 @@
 from ._checks import OPERATORS
 from .conv import patch_norm_sq, sphere_conv1d, sphere_conv2d, sphere_conv3d
 from .linear import sphere_linear
+from .margins import angular_margin_logits, margin_logits, psi
 from .operators import ACOS_EPS, angular_activation, learnable_k, safe_acos
 from .orthonormal import orthonormal_penalty
 
@@ -9,9 +10,12 @@ __all__ = [
     "ACOS_EPS",
     "OPERATORS",
     "angular_activation",
+    "angular_margin_logits",
     "learnable_k",
+    "margin_logits",
     "orthonormal_penalty",
     "patch_norm_sq",
+    "psi",
     "safe_acos",
     "sphere_conv1d",
     "sphere_conv2d",

@@ -1,0 +1,279 @@
+"""How the choice strings of a model (operator, norm, head) become layer types, and the shared model builder.
+
+The architectures (:class:`~torchsphere.models.PlainNet`, :class:`~torchsphere.models.ResNet`) take layer *types*
+(``conv_layer``, ``norm_layer``, ``head_layer``); this module maps the closed vocabularies below onto them, so a
+SphereNet and its CNN baseline differ by one string (STYLE practices 3-5).
+
+- operator: ``"conv"`` (a plain bias-free ``nn.Conv2d``, the CNN baseline) or a SphereConv operator ``"linear"``,
+  ``"cosine"``, ``"sigmoid"``, ``"learnable_sigmoid"`` (Liu et al., *Deep Hyperspherical Learning*, NIPS 2017,
+  arXiv 1711.03189).
+- norm: ``"bn"`` (BatchNorm, official eps 1e-3 and momentum 0.001, i.e. TF decay 0.999), ``"spherenorm"`` (the
+  convolutions become :class:`torchsphere.nn.SphereNorm2d`, no BatchNorm), ``"spherenorm+bn"`` (both) or ``"none"``.
+- head: ``"softmax"`` (a plain bias-free ``nn.Linear``, the official score layer), ``"wsoftmax"`` (weight-normalized
+  softmax: :class:`torchsphere.nn.AngularHead` with margin 1) or ``"gasoftmax"`` (generalized angular softmax: an
+  AngularHead with a margin > 1, which must be given).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any, Callable
+
+from torch import nn
+
+from ..functional._checks import OPERATORS, check_operator
+from ..nn.heads import AngularHead
+from ..nn.sphere_conv import SphereConv2d
+from ..nn.sphere_norm import SphereNorm2d
+
+CONV_CHOICES: tuple[str, ...] = ("conv", *OPERATORS)
+NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "none")
+HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
+OFFICIAL_BN_EPS = 1e-3  # wy1iu/SphereNet custom BN
+OFFICIAL_BN_MOMENTUM = 1e-3  # PyTorch momentum of the official EMA decay 0.999
+
+# arguments of the architecture classes that are layer types: filled from a LayerConfig (or left at the class
+# default, such as ResNet's plain shortcut), never registry overrides and never part of ``default_cfg``
+LAYER_TYPE_SUFFIX = "_layer"
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}; got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {list(choices)}")
+    return value
+
+
+def _optional_positive(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number or None; got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The layer choices of a model, validated on construction.
+
+    Attributes:
+        operator: ``"conv"`` for the CNN baseline, else the SphereConv operator of every sphere convolution.
+        sigmoid_k: k of ``"sigmoid"`` / initial k of ``"learnable_sigmoid"`` (None: the layer default, 0.3 / 0.75).
+        norm: ``"bn"``, ``"spherenorm"``, ``"spherenorm+bn"`` or ``"none"``.
+        bn_eps: BatchNorm eps (official 1e-3).
+        bn_momentum: BatchNorm momentum in PyTorch's convention (official 0.001 = TF decay 0.999).
+        head: ``"softmax"``, ``"wsoftmax"`` or ``"gasoftmax"``.
+        head_operator: operator of an angular head (None: ``"cosine"``); not allowed with ``"softmax"``.
+        margin: angular margin m of ``"gasoftmax"`` (required, > 1); None or 1 for ``"wsoftmax"``.
+        head_scale: fixed logit scale s of an angular head (None: s = |x|); not allowed with ``"softmax"``.
+    """
+
+    operator: str = "cosine"
+    sigmoid_k: float | None = None
+    norm: str = "bn"
+    bn_eps: float = OFFICIAL_BN_EPS
+    bn_momentum: float = OFFICIAL_BN_MOMENTUM
+    head: str = "softmax"
+    head_operator: str | None = None
+    margin: float | None = None
+    head_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _choice("operator", self.operator, CONV_CHOICES)
+        _choice("norm", self.norm, NORMS)
+        _choice("head", self.head, HEADS)
+        _optional_positive("sigmoid_k", self.sigmoid_k)
+        if self.sigmoid_k is not None and self.operator not in ("sigmoid", "learnable_sigmoid"):
+            raise ValueError(f"sigmoid_k applies only to operator 'sigmoid' or 'learnable_sigmoid'; got "
+                             f"sigmoid_k={self.sigmoid_k!r} with operator={self.operator!r}")
+        if self.norm.startswith("spherenorm") and self.operator == "conv":
+            raise ValueError(f"norm={self.norm!r} turns the convolutions into SphereNorm2d and needs a sphere "
+                             f"operator {list(OPERATORS)}; got operator='conv'")
+        _optional_positive("bn_eps", self.bn_eps)
+        _optional_positive("bn_momentum", self.bn_momentum)
+        if self.bn_momentum is None or self.bn_momentum > 1:
+            raise ValueError(f"bn_momentum must be in (0, 1]; got {self.bn_momentum!r}")
+        if self.bn_eps is None:
+            raise ValueError("bn_eps must be a number > 0; got None")
+        self._check_head()
+
+    def _check_head(self) -> None:
+        if self.head == "softmax":
+            for key in ("head_operator", "margin", "head_scale"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies only to the angular heads 'wsoftmax' and 'gasoftmax'; got "
+                                     f"{key}={getattr(self, key)!r} with head='softmax'")
+            return
+        if self.head_operator is not None:
+            check_operator(self.head_operator)
+        _optional_positive("head_scale", self.head_scale)
+        _optional_positive("margin", self.margin)
+        if self.head == "wsoftmax" and self.margin not in (None, 1, 1.0):
+            raise ValueError(f"head='wsoftmax' has margin 1; got margin={self.margin!r} (use head='gasoftmax')")
+        if self.head == "gasoftmax" and (self.margin is None or self.margin <= 1):
+            raise ValueError(f"head='gasoftmax' needs a margin > 1 (e.g. margin=4, SphereFace's A-Softmax); "
+                             f"got margin={self.margin!r}")
+
+    def conv_layer(self) -> Callable[..., nn.Module]:
+        """A callable with ``nn.Conv2d``'s signature building the model's (sphere) convolutions, bias-free."""
+        if self.operator == "conv":
+            return partial(nn.Conv2d, bias=False)
+        if self.norm.startswith("spherenorm"):
+            return partial(SphereNorm2d, operator=self.operator, sigmoid_k=self.sigmoid_k)
+        return partial(SphereConv2d, operator=self.operator, sigmoid_k=self.sigmoid_k)
+
+    def norm_layer(self) -> Callable[[int], nn.Module]:
+        """A callable ``(num_features) -> module`` for the normalization after each convolution."""
+        if self.norm in ("bn", "spherenorm+bn"):
+            return partial(nn.BatchNorm2d, eps=self.bn_eps, momentum=self.bn_momentum)
+        return nn.Identity  # accepts and ignores num_features
+
+    def head_layer(self) -> Callable[[int, int], nn.Module]:
+        """A callable ``(in_features, num_classes) -> module`` for the classifier."""
+        if self.head == "softmax":
+            return partial(nn.Linear, bias=False)
+        margin = 1.0 if self.head == "wsoftmax" else float(self.margin)
+        return partial(AngularHead, operator=self.head_operator or "cosine", margin=margin, scale=self.head_scale)
+
+
+LAYER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LayerConfig))
+
+
+def build_model(cls: type[nn.Module], name: str, arch: dict[str, Any], overrides: dict[str, Any]) -> nn.Module:
+    """Builds ``cls`` from a registry entry's architecture arguments merged with user overrides.
+
+    Overrides win over ``arch``. Keys of :class:`LayerConfig` become layer types; every other key must be an
+    argument of ``cls`` other than the layer types.
+
+    Args:
+        cls: the architecture class (``PlainNet`` or ``ResNet``).
+        name: the registry name, recorded in ``model.default_cfg["architecture"]``.
+        arch: the entry's defaults.
+        overrides: the user's keyword arguments.
+
+    Returns:
+        The model with ``model.default_cfg``: the architecture name, every architecture argument (defaults
+        included) and every layer choice.
+
+    Raises:
+        TypeError: for overrides that neither ``cls`` nor :class:`LayerConfig` accepts, named in the message.
+    """
+    signature = inspect.signature(cls)
+    arch_names = [p for p in signature.parameters if not p.endswith(LAYER_TYPE_SUFFIX)]
+    allowed = set(arch_names) | set(LAYER_FIELDS)
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; accepted: {sorted(allowed)}")
+    merged = {**arch, **overrides}
+    layers = LayerConfig(**{k: merged.pop(k) for k in LAYER_FIELDS if k in merged})
+    model = cls(**merged, conv_layer=layers.conv_layer(), norm_layer=layers.norm_layer(),
+                head_layer=layers.head_layer())
+    bound = signature.bind_partial(**merged)
+    bound.apply_defaults()
+    arch_cfg = {k: v for k, v in bound.arguments.items() if k in arch_names}
+    model.default_cfg = {"architecture": name, **arch_cfg, **asdict(layers)}
+    return model
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """Returns ``value`` if it is an int >= ``minimum``, else raises naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def per_stage(name: str, value: object, num_stages: int) -> tuple[int, ...]:
+    """An int (the same for every stage) or a sequence of ``num_stages`` ints >= 1, as a tuple."""
+    values = (value,) * num_stages if isinstance(value, numbers.Integral) else tuple(value)
+    if len(values) != num_stages:
+        raise ValueError(f"{name} needs one entry per stage ({num_stages}); got {value!r}")
+    return tuple(check_count(name, v) for v in values)
+
+
+def scale_widths(widths: object, width_mult: float) -> tuple[int, ...]:
+    """round(w * width_mult) per stage, at least 1 channel."""
+    if isinstance(widths, numbers.Integral) or not len(tuple(widths)):
+        raise ValueError(f"widths must be a non-empty sequence of ints; got {widths!r}")
+    widths = tuple(check_count("widths", w) for w in widths)
+    _optional_positive("width_mult", width_mult)
+    if width_mult is None:
+        raise ValueError("width_mult must be a number > 0; got None")
+    return tuple(max(1, round(w * width_mult)) for w in widths)
+
+
+def he_normal_init(model: nn.Module) -> None:
+    """The official initialization (wy1iu/SphereNet): every conv / fc / score weight from N(0, 2 / fan_in)
+    (He et al., 2015; not truncated), biases 0, BatchNorm gamma 1 and beta 0.
+
+    Angular heads whose ``weight`` is (num_classes, in_features) get the same normal draw; other parameters
+    (learnable sigmoid k, SphereNorm scale/shift/rho) keep their layers' own initialization.
+    """
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            if m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or (
+                isinstance(weight, nn.Parameter) and weight.dim() == 2 and _takes_labels(m)):
+            nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")  # std = sqrt(2 / fan_in)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _takes_labels(head: nn.Module) -> bool:
+    """True if ``head.forward`` accepts ``labels`` (an angular head applying a margin in training)."""
+    try:
+        return "labels" in inspect.signature(head.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ClassifierNet(nn.Module):
+    """The interface shared by the model families: features -> head, with a replaceable classifier ``fc``.
+
+    Subclasses build their trunk, define ``forward_features(x) -> (N, num_features)``, set ``num_features`` and
+    call :meth:`reset_classifier`. ``forward(x, labels)`` = ``forward_head(forward_features(x), labels)``.
+    """
+
+    num_features: int
+    num_classes: int
+
+    def __init__(self, head_layer: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        self.head_layer = head_layer
+        self._head_takes_labels = False
+
+    def forward_head(self, features, labels=None):
+        """Logits (N, num_classes). ``labels`` (N,) reach an angular head (the margin); a plain linear head
+        ignores them."""
+        if self._head_takes_labels:
+            return self.fc(features, labels)
+        return self.fc(features)
+
+    def forward(self, x, labels=None):  # (N, C, H, W), (N,) -> (N, num_classes)
+        return self.forward_head(self.forward_features(x), labels)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer ``fc``."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replaces the classifier by a freshly initialized one of the same kind with ``num_classes`` outputs."""
+        self.num_classes = check_count("num_classes", num_classes)
+        ref = next((p for p in self.parameters()), None)
+        fc = self.head_layer(self.num_features, self.num_classes)
+        if ref is not None:
+            fc = fc.to(device=ref.device, dtype=ref.dtype)
+        he_normal_init(fc)
+        self.fc = fc
+        self._head_takes_labels = _takes_labels(fc)
+        if hasattr(self, "default_cfg"):
+            self.default_cfg["num_classes"] = self.num_classes

@@ -1,0 +1,342 @@
+"""The ``torchsphere`` command line: ``train``, ``compare``, ``evaluate``, ``predict``. Parsing and calls only.
+
+Two-stage configuration (timm style, STYLE practice 15): ``--config file.yaml`` sets :class:`TrainConfig` defaults,
+flags override them, and the resolved configuration is saved as ``config.yaml`` in the run folder. Bad arguments
+(unknown model, dataset or operator, a negative learning rate, a missing data directory, ...) print a message and exit
+with code 2. See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .functional._checks import OPERATORS
+from .train.config import (DEVICES, HEADS, LR_SCHEDULES, NORMS, OPTIMIZERS, REGULARIZERS, TrainConfig,
+                           config_defaults, load_yaml)
+
+_D = config_defaults()
+
+
+def _number(kind: type, *, minimum: float, strict: bool) -> Any:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_POS_INT, _POS_FLOAT = _number(int, minimum=0, strict=True), _number(float, minimum=0, strict=True)
+_NONNEG_INT, _NONNEG_FLOAT = _number(int, minimum=0, strict=False), _number(float, minimum=0, strict=False)
+
+
+def _fraction(text: str) -> float:
+    value = _NONNEG_FLOAT(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _list(text: str) -> list[str]:
+    return [v for v in text.replace(",", " ").split() if v]
+
+
+def _flag(group, name: str, help: str) -> None:
+    group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       help=f"{help} (default: {_D[name[2:].replace('-', '_')]})")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = False) -> None:
+    """The TrainConfig flags. Defaults are suppressed so that only the flags given override the YAML/preset."""
+    S = argparse.SUPPRESS
+
+    def d(key: str) -> str:
+        return f"(default: {_D[key]})"
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=S, metavar="NAME", help=f"registered model, e.g. cnn9, spherenet9, "
+                   f"sphere_resnet32 (`torchsphere train --list-models`) {d('model')}")
+    g.add_argument("--operator", default=S, choices=OPERATORS, help="SphereConv operator (default: the model's own)")
+    g.add_argument("--sigmoid-k", type=_POS_FLOAT, default=S, metavar="K",
+                   help="k of the sigmoid operator / initial k of learnable_sigmoid (default: the layer's, 0.3 / 0.75)")
+    g.add_argument("--head", default=S, choices=HEADS, help=f"classifier head {d('head')}")
+    g.add_argument("--margin", type=_number(float, minimum=1, strict=False), default=S,
+                   help=f"GA-Softmax margin m >= 1 on the target angle (head gasoftmax) {d('margin')}")
+    _flag(g, "--anneal-lambda", "A-Softmax lambda annealing for the gasoftmax head (SphereFace schedule)")
+    g.add_argument("--head-operator", default=S, choices=OPERATORS,
+                   help="operator of the angular head (wsoftmax / gasoftmax; default: cosine)")
+    g.add_argument("--norm", default=S, choices=NORMS, help=f"normalization after each conv {d('norm')}")
+    g.add_argument("--bn-momentum", type=_number(float, minimum=0, strict=True), default=S, metavar="M",
+                   help="BatchNorm momentum, PyTorch convention (default: the model's, official 0.001 for 64k steps; "
+                   "use ~0.1 for short runs)")
+    g.add_argument("--width-mult", type=_POS_FLOAT, default=S, metavar="F",
+                   help=f"channel multiplier {d('width_mult')}")
+    g.add_argument("--widths", type=_int_list, default=S, metavar="W1,W2,W3",
+                   help="stage widths before --width-mult (default: the model's; MHE CNN-9: 64,128,256)")
+    g.add_argument("--feature-dim", type=_POS_INT, default=S, metavar="D",
+                   help="outputs of a plain net's fc6, fed to the classifier (default 256; 2 to plot the features)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=S, metavar="NAME", help=f"fashion-mnist, mnist, cifar10, cifar100, digits, "
+                   f"imagefolder, synthetic {d('dataset')}")
+    g.add_argument("--data-dir", default=S, metavar="DIR", help="folder searched first for the dataset files, then "
+                   "$TORCHSPHERE_DATA, then system folders")
+    g.add_argument("--val-fraction", type=_fraction, default=S, metavar="F",
+                   help=f"validation split carved from the training set, used for model selection {d('val_fraction')}")
+    g.add_argument("--limit-train", type=_POS_INT, default=S, metavar="N",
+                   help="use a seeded subset of N training images")
+    g.add_argument("--limit-test", type=_POS_INT, default=S, metavar="N", help="use a fixed subset of N test images")
+    g.add_argument("--augment", default=S, metavar="NAME", help="batch augmentation: none, flip, crop_flip, cifar10+, "
+                   "... (default: the dataset's own)")
+
+    g = parser.add_argument_group("budget and optimization")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_POS_INT, default=S, metavar="N", help="training epochs")
+    budget.add_argument("--steps", type=_POS_INT, default=S, metavar="N", help="training steps (official: 64000)")
+    g.add_argument("--batch-size", type=_POS_INT, default=S, metavar="N",
+                   help=f"global batch size, split over DDP ranks {d('batch_size')}")
+    g.add_argument("--optimizer", default=S, choices=OPTIMIZERS, help=f"{d('optimizer')}")
+    g.add_argument("--lr", type=_POS_FLOAT, default=S, help=f"learning rate {d('lr')}")
+    g.add_argument("--momentum", type=_NONNEG_FLOAT, default=S, help=f"SGD momentum (Nesterov) {d('momentum')}")
+    g.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=S, metavar="WD",
+                   help=f"coupled L2; none on SphereConv filters (official) {d('weight_decay')}")
+    _flag(g, "--decay-sphere-weights", "also decay SphereConv filters")
+    g.add_argument("--lr-schedule", default=S, choices=LR_SCHEDULES, help=f"per-step schedule {d('lr_schedule')}")
+    g.add_argument("--milestones", type=_int_list, default=S, metavar="S1,S2",
+                   help="multistep drop steps (default: 34/64 and 54/64 of the budget, as the official 34k/54k/64k)")
+    g.add_argument("--lr-gamma", type=_POS_FLOAT, default=S, help=f"multistep factor {d('lr_gamma')}")
+    g.add_argument("--label-smoothing", type=_fraction, default=S, metavar="EPS", help=f"{d('label_smoothing')}")
+    _flag(g, "--official-loss", "the official log(softmax + 1e-4) floored loss")
+
+    g = parser.add_argument_group("regularizers (added to the loss explicitly)")
+    g.add_argument("--regularizer", default=S, choices=REGULARIZERS, help=f"{d('regularizer')}")
+    g.add_argument("--reg-lambda-hidden", type=_NONNEG_FLOAT, default=S, metavar="L",
+                   help=f"weight on hidden layers {d('reg_lambda_hidden')}")
+    g.add_argument("--reg-lambda-output", type=_NONNEG_FLOAT, default=S, metavar="L",
+                   help=f"weight on the classifier {d('reg_lambda_output')}")
+    g.add_argument("--reg-s", type=_NONNEG_FLOAT, default=S, metavar="S",
+                   help="MHE power s (0: log energy; default: the regularizer's, 2); MHE methods only")
+    g.add_argument("--orth", type=_NONNEG_FLOAT, default=S, metavar="C",
+                   help=f"orthonormality penalty on sphere layers (official 1e-4) {d('orth')}")
+
+    g = parser.add_argument_group("evaluation, checkpoints, runtime")
+    g.add_argument("--eval-every", type=_POS_INT, default=S, metavar="STEPS", help=f"{d('eval_every')}")
+    g.add_argument("--eval-batch-size", type=_POS_INT, default=S, metavar="N", help=f"{d('eval_batch_size')}")
+    g.add_argument("--checkpoint-every", type=_NONNEG_INT, default=S, metavar="STEPS",
+                   help="extra checkpoints between evaluations (0: at evaluations only)")
+    if not for_compare:
+        g.add_argument("--seed", type=_NONNEG_INT, default=S, help=f"{d('seed')}")
+    g.add_argument("--device", default=S, choices=DEVICES, help=f"{d('device')}")
+    g.add_argument("--threads", type=_POS_INT, default=S, metavar="N", help="torch CPU threads (default: torch's)")
+    _flag(g, "--amp", "autocast (bfloat16 on CPU, float16 + GradScaler on CUDA)")
+    _flag(g, "--compile", "torch.compile the model")
+    _flag(g, "--sync-bn", "SyncBatchNorm under DDP")
+    g.add_argument("--quiet", action="store_true", default=S, help="log lines instead of a progress bar")
+    if not for_compare:
+        _flag(g, "--resume", "continue the run in --output from its checkpoint")
+        parser.add_argument("--config", metavar="YAML", help="YAML file of TrainConfig fields used as defaults")
+        parser.add_argument("--list-models", action="store_true", help="print the registered models and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchsphere", description="Hyperspherical learning (SphereNet, Liu et al., NIPS 2017): train, compare, "
+        "evaluate and predict.", epilog="Run `torchsphere COMMAND --help` for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train one model", usage="%(prog)s --output DIR [options]",
+                       description="Train one model into a run folder (config.yaml, metrics.csv, summary.json, "
+                       "model.safetensors, best.safetensors, checkpoint.pt). Under "
+                       "`torchrun --nproc_per_node=N -m torchsphere train ...` it trains with DDP.")
+    add_train_arguments(p)
+    p.add_argument("--output", default=argparse.SUPPRESS, metavar="DIR", help="run folder, e.g. runs/NAME (required)")
+
+    p = sub.add_parser("compare", help="train several configurations over seeds and report",
+                       usage="%(prog)s (--preset NAME | --models M1,M2 [--operators ...]) --output DIR [options]",
+                       description="Train each configuration with each seed on the same data and budget, then write "
+                       "report.md (final / best-on-val test accuracy, mean ± std, steps to accuracy, time per step) "
+                       "and convergence.png. Train flags override the preset for every configuration.")
+    p.add_argument("--preset", metavar="NAME|YAML", help="a shipped preset (demo, ...) or a compare YAML file")
+    p.add_argument("--models", type=_list, metavar="M1,M2", help="models to compare (the first is the baseline)")
+    p.add_argument("--operators", type=_list, metavar="OP1,OP2",
+                   help=f"operators for the *sphere* models, from {list(OPERATORS)}")
+    p.add_argument("--seeds", type=_POS_INT, metavar="N", help="seeds 0..N-1 per configuration")
+    p.add_argument("--thresholds", type=_list, metavar="A1,A2", help="accuracies for 'steps to reach' (e.g. 0.8,0.9)")
+    p.add_argument("--output", required=True, metavar="DIR", help="report folder, e.g. reports/NAME")
+    add_train_arguments(p, for_compare=True)
+
+    p = sub.add_parser("evaluate", help="evaluate a saved run", description="Accuracy of a run's final or "
+                       "best-on-validation weights on its test (or validation) split.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--weights", choices=("final", "best"), default="final", help="(default: final)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="(default: test)")
+    p.add_argument("--data-dir", metavar="DIR", help="where the dataset lives now (default: as in config.yaml)")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("predict", help="classify images with a saved run", description="Top-k classes of images: "
+                       ".npy/.pt arrays (integer = raw 0..255 pixels, float = already normalized) or image files.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--weights", choices=("final", "best"), default="final", help="(default: final)")
+    p.add_argument("--top-k", type=_POS_INT, default=1, help="(default: 1)")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    for name, subparser in sub.choices.items():
+        subparser.set_defaults(_parser=subparser)
+    return parser
+
+
+_NOT_CONFIG = {"command", "_parser", "config", "list_models", "preset", "models", "operators", "seeds", "thresholds"}
+
+
+def train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    """YAML defaults (``--config``) overridden by the flags given; validated, errors via ``parser.error``."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            values.update(load_yaml(args.config))
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+    values.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
+    if "output" not in values:
+        parser.error("the following arguments are required: --output")
+    check_names(values, parser)
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+
+
+def check_names(values: dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """Unknown model / dataset, missing data directory -> parser.error (exit code 2)."""
+    from .data import list_datasets
+    from .models import list_models
+
+    model = values.get("model")
+    if model is not None and model not in list_models():
+        close = difflib.get_close_matches(str(model), list_models(), n=4, cutoff=0.5)
+        parser.error(f"unknown model {model!r}; " + (f"did you mean {', '.join(close)}? " if close else "")
+                     + f"choose from {', '.join(list_models())}")
+    dataset = values.get("dataset")
+    if dataset is not None and dataset not in list_datasets():
+        parser.error(f"unknown dataset {dataset!r}; choose from {', '.join(list_datasets())}")
+    data_dir = values.get("data_dir")
+    if data_dir is not None and not os.path.isdir(data_dir):
+        parser.error(f"--data-dir {data_dir!r} is not a directory")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    command = {"train": _train, "compare": _compare, "evaluate": _evaluate, "predict": _predict}[args.command]
+    return command(args, args._parser)
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if getattr(args, "list_models", False):
+        from .models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    from .train import train
+
+    train(train_config(args, parser))
+    return 0
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train import compare, load_spec, spec_from_models
+
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG | {"output"}}
+    quiet = bool(overrides.pop("quiet", False))
+    check_names(overrides, parser)
+    thresholds = None
+    if args.thresholds:
+        try:
+            thresholds = [float(t) for t in args.thresholds]
+        except ValueError:
+            parser.error(f"--thresholds expects accuracies such as 0.8,0.9; got {args.thresholds}")
+    try:
+        if args.preset:
+            spec = load_spec(args.preset)
+            if args.models:
+                parser.error("give either --preset or --models, not both")
+            if args.seeds:
+                spec.seeds = list(range(args.seeds))
+            if thresholds:
+                spec.thresholds = thresholds
+        elif args.models:
+            for model in args.models:
+                check_names({"model": model}, parser)
+            for op in args.operators or []:
+                if op not in OPERATORS:
+                    parser.error(f"unknown operator {op!r}; choose from {list(OPERATORS)}")
+            spec = spec_from_models(args.models, args.operators, args.seeds or 1, {}, thresholds or [0.8, 0.9])
+        else:
+            parser.error("give --preset NAME or --models M1,M2")
+        from .train.compare import run_configs
+
+        run_configs(spec, args.output, overrides)  # validates every configuration before any training
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    table = compare(spec, args.output, overrides, quiet=quiet)
+    print(table)
+    print(f"report: {os.path.join(args.output, 'report.md')}  plot: {os.path.join(args.output, 'convergence.png')}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train import evaluate_run
+
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir!r} is not a directory")
+    try:
+        result = evaluate_run(args.run_dir, args.weights, split=args.split, data_dir=args.data_dir, device=args.device)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['run']} [{result['weights']} weights] {result['dataset']} {result['split']}: accuracy "
+              f"{100 * result['accuracy']:.2f}% loss {result['loss']:.4f} ({result['samples']} images)")
+    return 0
+
+
+def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train import predict
+
+    try:
+        results = predict(args.run_dir, args.inputs, weights=args.weights, top_k=args.top_k, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.json:
+        print(json.dumps([[{"index": i, "class": c, "probability": p} for i, c, p in r] for r in results], indent=2))
+    else:
+        for n, result in enumerate(results):
+            print(f"{n}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

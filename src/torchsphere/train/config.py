@@ -1,0 +1,207 @@
+"""Typed training configuration: a dataclass with YAML round trip (STYLE practice 15, nanoGPT/timm style).
+
+A YAML file sets defaults, command-line flags override them, and the resolved configuration is written to
+``config.yaml`` in the run folder, from which ``torchsphere evaluate`` / ``predict`` / ``--resume`` rebuild the run.
+
+The defaults follow the official SphereNet protocol where it applies (wy1iu/SphereNet, Liu et al., NIPS 2017): Adam at
+lr 1e-3, batch 128, weight decay 5e-4 except on SphereConv filters, label smoothing 0.01, orthonormality 1e-4 on the
+sphere layers, lr / 10 at 34k and 54k of 64k iterations (expressed here as fractions of the budget when no milestones
+are given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..functional._checks import OPERATORS
+from ..regularizers.model import METHODS
+
+HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
+NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "none")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
+REGULARIZERS: tuple[str, ...] = ("none", *METHODS)  # HypersphericalRegularizer methods
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+# official lr drops at 34k and 54k of 64k iterations, used when no milestones are given
+OFFICIAL_MILESTONE_FRACTIONS: tuple[float, ...] = (34_000 / 64_000, 54_000 / 64_000)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; ``TrainConfig.from_yaml(run/config.yaml)`` rebuilds it."""
+
+    # model
+    model: str = "spherenet9"
+    operator: str | None = None          # SphereConv operator; None keeps the model's default
+    sigmoid_k: float | None = None        # k of the sigmoid / initial k of learnable_sigmoid (None: layer default)
+    head: str = "softmax"                 # softmax | wsoftmax | gasoftmax
+    head_operator: str | None = None      # operator of an angular head (None: cosine); not with softmax
+    margin: float = 1.5                   # GA-Softmax margin m (multiplies the target angle; >= 1)
+    anneal_lambda: bool = False           # A-Softmax lambda annealing (SphereFace) for the gasoftmax head
+    norm: str = "bn"                      # bn | spherenorm | spherenorm+bn | none
+    width_mult: float = 1.0               # channel multiplier (official widths 128/192/256)
+    widths: tuple[int, ...] | None = None  # stage widths before width_mult; None: the model's (MHE CNN-9: 64/128/256)
+    feature_dim: int | None = None        # outputs of a plain net's fc6 (None: 256; 2 or 3 to plot the features)
+    bn_momentum: float | None = None      # None: the model's (official 0.001, i.e. TF decay 0.999, made for 64k steps)
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_fraction: float = 0.1             # validation split carved from the training set (seeded)
+    limit_train: int | None = None
+    limit_test: int | None = None
+    augment: str | None = None            # None: the dataset's default augmentation
+    # budget
+    epochs: int | None = None
+    steps: int | None = None              # wins over epochs; official: 64,000 iterations
+    batch_size: int = 128                 # the global batch (split over DDP ranks)
+    # optimization
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9                 # SGD only
+    weight_decay: float = 5e-4            # coupled L2; none on sphere filters (official)
+    decay_sphere_weights: bool = False
+    lr_schedule: str = "multistep"
+    milestones: tuple[int, ...] = ()      # steps; empty: 34/64 and 54/64 of the budget
+    lr_gamma: float = 0.1
+    label_smoothing: float = 0.01         # official epsilon
+    official_loss: bool = False           # log(softmax + 1e-4) floor of the official loss.py
+    # regularizers (added to the loss explicitly)
+    regularizer: str = "none"
+    reg_lambda_hidden: float = 1.0
+    reg_lambda_output: float = 1.0
+    reg_s: float | None = None            # MHE power s (None: the regularizer's default 2); MHE methods only
+    orth: float = 0.0                     # orthonormality coefficient on sphere layers (official 1e-4)
+    # evaluation, checkpoints, logging
+    eval_every: int = 500                 # steps (official: 500)
+    eval_batch_size: int = 500
+    checkpoint_every: int = 0             # extra checkpoints every N steps (0: only at evaluations)
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None            # torch CPU threads for this run (None: torch's default)
+    amp: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    resume: bool = False
+    quiet: bool = False
+    output: str = "runs/default"
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keywords (synthetic sizes)
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(int(m) for m in self.milestones)
+        if self.widths is not None:
+            self.widths = tuple(self.widths)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError/TypeError naming the field and the value received."""
+        _choice("head", self.head, HEADS)
+        _choice("norm", self.norm, NORMS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("regularizer", self.regularizer, REGULARIZERS)
+        _choice("device", self.device, DEVICES)
+        if self.operator is not None:
+            _choice("operator", self.operator, OPERATORS)
+        if self.head_operator is not None:
+            _choice("head_operator", self.head_operator, OPERATORS)
+            if self.head == "softmax":
+                raise ValueError(f"head_operator applies only to the angular heads 'wsoftmax' and 'gasoftmax'; got "
+                                 f"head_operator={self.head_operator!r} with head='softmax'")
+        for name in ("sigmoid_k", "reg_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < (0 if name == "reg_s" else 1e-300)):
+                raise ValueError(f"{name} must be a number {'>= 0' if name == 'reg_s' else '> 0'} or None; "
+                                 f"got {value!r}")
+        if self.widths is not None and (not self.widths or any(
+                isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in self.widths)):
+            raise ValueError(f"widths must be positive integers; got {self.widths!r}")
+        for name in ("lr", "batch_size", "eval_every", "eval_batch_size", "width_mult", "lr_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number; got {type(value).__name__} {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be > 0; got {value!r}")
+        for name in ("weight_decay", "reg_lambda_hidden", "reg_lambda_output", "orth", "momentum",
+                     "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+        for name in ("epochs", "steps", "limit_train", "limit_test", "threads", "feature_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1]; got {self.bn_momentum!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction!r}")
+        if self.margin < 1.0:
+            raise ValueError(f"margin must be >= 1 (m multiplies the target angle); got {self.margin!r}")
+        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing positive steps; got {self.milestones!r}")
+        if self.anneal_lambda and self.head != "gasoftmax":
+            raise ValueError(f"anneal_lambda needs head='gasoftmax'; got head={self.head!r}")
+
+    # ---------------------------------------------------------------- (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-safe values (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["milestones"] = list(self.milestones)
+        out["widths"] = None if self.widths is None else list(self.widths)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Builds a config; unknown keys raise a TypeError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        for key in ("milestones", "widths"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        return cls.from_dict(load_yaml(path))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a YAML mapping; an empty file is an empty mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping; got {type(data).__name__}")
+    return data
+
+
+def config_defaults() -> dict[str, Any]:
+    """The field defaults of :class:`TrainConfig` (for help texts)."""
+    return TrainConfig().to_dict()
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}; got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {list(choices)}")

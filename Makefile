@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean data
+.PHONY: venv test demo bench clean data results
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ data:
 
 demo: $(STAMP) data
 	$(PY) -m torchsphere compare --preset demo --output reports/demo
+
+# the issue-7 experiments (Fashion-MNIST, about 2.7 CPU hours) and docs/results.md; resumable, see experiments/README.md
+results: $(STAMP) data
+	$(PY) experiments/run_all.py --jobs 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py

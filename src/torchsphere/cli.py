@@ -116,7 +116,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
                    help=f"global batch size, split over DDP ranks {d('batch_size')}")
     g.add_argument("--optimizer", default=S, choices=OPTIMIZERS, help=f"{d('optimizer')}")
     g.add_argument("--lr", type=_POS_FLOAT, default=S, help=f"learning rate {d('lr')}")
-    g.add_argument("--momentum", type=_NONNEG_FLOAT, default=S, help=f"SGD momentum (Nesterov) {d('momentum')}")
+    g.add_argument("--momentum", type=_NONNEG_FLOAT, default=S, help=f"SGD momentum {d('momentum')}")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S,
+                   help="Nesterov momentum for SGD (default: on; --no-nesterov: plain momentum, as the MHE recipe)")
     g.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=S, metavar="WD",
                    help=f"coupled L2; none on SphereConv filters (official) {d('weight_decay')}")
     _flag(g, "--decay-sphere-weights", "also decay SphereConv filters")

@@ -75,7 +75,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov is not False and config.momentum > 0)
 
 
 def resolved_milestones(config: TrainConfig, steps: int) -> list[int]:

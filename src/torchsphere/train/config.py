@@ -62,6 +62,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9                 # SGD only
+    nesterov: bool | None = None          # SGD only; None: Nesterov. The official MHE recipe: False (plain momentum)
     weight_decay: float = 5e-4            # coupled L2; none on sphere filters (official)
     decay_sphere_weights: bool = False
     lr_schedule: str = "multistep"

@@ -195,3 +195,16 @@ def test_config_rejects_unknown_keys_and_wrong_types():
 def test_amp_bfloat16_on_cpu_runs(tmp_path):
     summary = train(tiny(tmp_path, steps=4, eval_every=4, amp=True))
     assert math.isfinite(summary["final"]["test_loss"]) and summary["steps"] == 4
+
+
+@pytest.mark.parametrize("method", ["mhe", "mhe_half", "mhs", "orthonormal"])
+def test_regularizer_coefficients_default_to_the_methods_official_values(method):
+    from torchsphere.models import create_model
+    from torchsphere.regularizers.model import default_lambdas
+    from torchsphere.train.builders import build_regularizer
+
+    model = create_model("cnn9", width_mult=1 / 32, in_channels=1, num_classes=10)
+    reg = build_regularizer(TrainConfig(regularizer=method), model)
+    assert (reg.lambda_hidden, reg.lambda_output) == default_lambdas(method)
+    reg = build_regularizer(TrainConfig(regularizer=method, reg_lambda_hidden=0.5, reg_lambda_output=2.0), model)
+    assert (reg.lambda_hidden, reg.lambda_output) == (0.5, 2.0)

@@ -132,9 +132,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
     g = parser.add_argument_group("regularizers (added to the loss explicitly)")
     g.add_argument("--regularizer", default=S, choices=REGULARIZERS, help=f"{d('regularizer')}")
     g.add_argument("--reg-lambda-hidden", type=_NONNEG_FLOAT, default=S, metavar="L",
-                   help=f"weight on hidden layers {d('reg_lambda_hidden')}")
+                   help="weight on hidden layers (default: the method's official value)")
     g.add_argument("--reg-lambda-output", type=_NONNEG_FLOAT, default=S, metavar="L",
-                   help=f"weight on the classifier {d('reg_lambda_output')}")
+                   help="weight on the classifier (default: the method's official value)")
     g.add_argument("--reg-s", type=_NONNEG_FLOAT, default=S, metavar="S",
                    help="MHE power s (0: log energy; default: the regularizer's, 2); MHE methods only")
     g.add_argument("--orth", type=_NONNEG_FLOAT, default=S, metavar="C",

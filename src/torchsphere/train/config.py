@@ -72,8 +72,8 @@ class TrainConfig:
     official_loss: bool = False           # log(softmax + 1e-4) floor of the official loss.py
     # regularizers (added to the loss explicitly)
     regularizer: str = "none"
-    reg_lambda_hidden: float = 1.0
-    reg_lambda_output: float = 1.0
+    reg_lambda_hidden: float | None = None  # None: the method's official default (regularizers.default_lambdas)
+    reg_lambda_output: float | None = None
     reg_s: float | None = None            # MHE power s (None: the regularizer's default 2); MHE methods only
     orth: float = 0.0                     # orthonormality coefficient on sphere layers (official 1e-4)
     # evaluation, checkpoints, logging
@@ -130,6 +130,8 @@ class TrainConfig:
         for name in ("weight_decay", "reg_lambda_hidden", "reg_lambda_output", "orth", "momentum",
                      "checkpoint_every"):
             value = getattr(self, name)
+            if value is None and name.startswith("reg_lambda"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0; got {value!r}")
         for name in ("epochs", "steps", "limit_train", "limit_test", "threads", "feature_dim"):

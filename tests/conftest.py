@@ -24,7 +24,9 @@ AUTOCAST_ATOL = 3e-2
 
 DEVICE = torch.device(os.environ.get("TORCHSPHERE_TEST_DEVICE", "cpu"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Test tensors are tiny: intra-op threads only add synchronization, which stalls badly when the cores are busy
+# (measured here: 50 small forward+backward passes 0.11 s with 1 thread, 14.6 s with 2 on a loaded machine).
+torch.set_num_threads(1)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw) -> None:

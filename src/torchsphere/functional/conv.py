@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
-from .operators import angular_activation
+from .fused import SphereTail, check_impl, patch_rnorm, sigmoid_k_for
+from .operators import _broadcast_k, angular_activation
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -93,8 +94,28 @@ def sphere_cosine(conv: Tensor, input: Tensor, weight: Tensor, stride=1, padding
     return (cos.reshape(n, groups, c_out // groups, *out_sp) / x_norm.unsqueeze(2)).reshape(n, c_out, *out_sp)
 
 
+def _sphere_conv_fused(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+                       groups: int, operator: str, sigmoid_k, eps: float) -> Tensor:
+    """The default path: filter norm folded into the weight, then one :class:`~.fused.SphereTail` node."""
+    dtype = tail_dtype(weight.dtype)
+    w = weight.to(dtype)
+    w_hat = (w / filter_norm(w, eps).reshape(-1, *([1] * (nd + 1)))).to(weight.dtype)  # conv(x, w/|w|) = conv/|w|
+    z = _CONV[nd](input, w_hat, None, stride, padding, dilation, groups)  # (N, C_out, *out)
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        dtype = tail_dtype(z.dtype)
+        r = patch_rnorm(input.to(dtype), tuple(weight.shape[2:]), stride, padding, dilation, groups,
+                        eps)  # (N, G, *out)
+        k = _broadcast_k(sigmoid_k_for(operator, sigmoid_k), z, 1)
+        n, c_out, *out_sp = z.shape
+        grouped = (n, groups, c_out // groups, *out_sp)  # (N, G, C_out/G, *out): r broadcasts over C_out/G
+        k = k.reshape(1, *grouped[1:3], *([1] * nd)) if isinstance(k, Tensor) and k.dim() else k
+        b = None if bias is None else bias.to(dtype).reshape(1, *grouped[1:3], *([1] * nd))
+        out = SphereTail.apply(z.to(dtype).reshape(grouped), r.unsqueeze(2), k, b, operator).reshape(z.shape)
+    return out.to(z.dtype)
+
+
 def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-                 groups: int, operator: str, sigmoid_k, eps: float) -> Tensor:
+                 groups: int, operator: str, sigmoid_k, eps: float, impl: str = "fused") -> Tensor:
     _check_conv_args(nd, input, weight, groups)
     check_operator(operator)
     eps = check_positive("eps", eps)
@@ -103,6 +124,9 @@ def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, st
     unbatched = input.dim() == nd + 1
     if unbatched:
         input = input.unsqueeze(0)
+    if check_impl(impl) == "fused":
+        out = _sphere_conv_fused(nd, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps)
+        return out.squeeze(0) if unbatched else out
     conv = _CONV[nd](input, weight, None, stride, padding, dilation, groups)  # (N, C_out, *out)
     with torch.autocast(device_type=input.device.type, enabled=False):
         cos = sphere_cosine(conv, input, weight, stride, padding, dilation, groups, eps)
@@ -115,7 +139,7 @@ def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, st
 
 def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, *, operator: str = "cosine", sigmoid_k: float | Tensor | None = 0.3,
-                  eps: float = 1e-4) -> Tensor:
+                  eps: float = 1e-4, impl: str = "fused") -> Tensor:
     """1-D SphereConv: g(theta(w, x_patch)) (+ bias). Arguments as ``F.conv1d`` plus the operator.
 
     Args:
@@ -126,19 +150,25 @@ def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
         operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
         sigmoid_k: k of the sigmoid operators (a number, or a (C_out,) tensor of effective k).
         eps: added to both squared norms before the square root (official 1e-4).
+        impl: ``"fused"`` (default; the filter norm folded into the weight and one analytic-backward autograd node,
+            see :mod:`torchsphere.functional.fused`; no double backward) or ``"reference"`` (the plain eager
+            composition, the reference the tests compare against; supports double backward).
     """
-    return _sphere_conv(1, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps)
+    return _sphere_conv(1, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
+                        impl)
 
 
 def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, *, operator: str = "cosine", sigmoid_k: float | Tensor | None = 0.3,
-                  eps: float = 1e-4) -> Tensor:
+                  eps: float = 1e-4, impl: str = "fused") -> Tensor:
     """2-D SphereConv; see :func:`sphere_conv1d`. input (N, C_in, H, W), weight (C_out, C_in / groups, kh, kw)."""
-    return _sphere_conv(2, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps)
+    return _sphere_conv(2, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
+                        impl)
 
 
 def sphere_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, *, operator: str = "cosine", sigmoid_k: float | Tensor | None = 0.3,
-                  eps: float = 1e-4) -> Tensor:
+                  eps: float = 1e-4, impl: str = "fused") -> Tensor:
     """3-D SphereConv; see :func:`sphere_conv1d`. input (N, C_in, D, H, W), weight (C_out, C_in / groups, kd, kh, kw)."""
-    return _sphere_conv(3, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps)
+    return _sphere_conv(3, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
+                        impl)

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .conv import filter_norm, tail_dtype
-from .operators import angular_activation
+from .fused import SphereTail, check_impl, sigmoid_k_for
+from .operators import _broadcast_k, angular_activation
 
 
 def linear_cosine(lin: Tensor, input: Tensor, weight: Tensor, eps: float = 1e-4) -> Tensor:
@@ -18,7 +19,7 @@ def linear_cosine(lin: Tensor, input: Tensor, weight: Tensor, eps: float = 1e-4)
 
 
 def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, operator: str = "cosine",
-                  sigmoid_k: float | Tensor | None = 0.3, eps: float = 1e-4) -> Tensor:
+                  sigmoid_k: float | Tensor | None = 0.3, eps: float = 1e-4, impl: str = "fused") -> Tensor:
     """g(theta(W_j, x)) (+ bias) for every output unit j.
 
     Args:
@@ -28,6 +29,8 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
         operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
         sigmoid_k: k of the sigmoid operators (a number, or an (out_features,) tensor of effective k).
         eps: added to both squared norms before the square root.
+        impl: ``"fused"`` (default: the filter norm folded into the weight, one analytic-backward autograd node; no
+            double backward) or ``"reference"`` (the plain eager composition; supports double backward).
 
     Returns:
         (*, out_features) in [-1, 1] before the bias.
@@ -42,6 +45,17 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     eps = check_positive("eps", eps)
     if operator in ("sigmoid", "learnable_sigmoid"):
         check_sigmoid_k(sigmoid_k)
+    if check_impl(impl) == "fused":
+        w = weight.to(tail_dtype(weight.dtype))
+        w_hat = (w / filter_norm(w, eps).unsqueeze(1)).to(weight.dtype)  # linear(x, w/|w|) = linear(x, w)/|w|
+        z = F.linear(input, w_hat)  # (*, out)
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            dtype = tail_dtype(z.dtype)
+            r = torch.rsqrt(input.to(dtype).square().sum(-1, keepdim=True) + eps)  # (*, 1)
+            k = _broadcast_k(sigmoid_k_for(operator, sigmoid_k), z, -1)
+            b = None if bias is None else bias.to(dtype)
+            out = SphereTail.apply(z.to(dtype), r, k, b, operator)
+        return out.to(z.dtype)
     lin = F.linear(input, weight)  # (*, out)
     with torch.autocast(device_type=input.device.type, enabled=False):
         cos = linear_cosine(lin, input, weight, eps)

@@ -1,0 +1,226 @@
+"""Fused SphereConv tail: g(theta) (+ bias) from a normalized convolution in one autograd node.
+
+Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). The eager composition of the SphereConv
+tail (``conv.py``: divide by the filter norm, divide by the patch norm, clamp, acos, g) is a chain of separate
+passes over the (N, C_out, *out) output, several of which autograd keeps for the backward pass. The fused path:
+
+1. Folds the filter norm into the weight before the convolution: conv(x, w / |w|) = conv(x, w) / |w|, so the
+   division by |w| touches only the small weight (autograd differentiates through it).
+2. Passes the patch norm as its reciprocal r = 1 / sqrt(|x_patch|^2 + eps), shape (N, G, *out) -- one value per
+   output location and group, small next to (N, C_out, *out) -- computed by :func:`patch_rnorm` with a sum pool
+   instead of the all-ones convolution where the padding allows it (cheaper, above all in the backward).
+3. :class:`SphereTail` (a ``torch.autograd.Function``) takes the normalized convolution ``z`` and ``r`` and returns
+   g(c) (+ bias) with c = z * r. It saves z, r and k only (not its output, so an in-place op after the layer stays
+   legal) and recomputes c, acos and tanh in the backward, whose derivative is analytic:
+
+   - cosine: dg/dc = 1;
+   - linear: dg/dc = (2/pi) / sqrt(1 - c^2) inside the acos clamp [-1 + ACOS_EPS, 1 - ACOS_EPS], 0 outside
+     (the clamp semantics of ``safe_acos``: ``clamp`` passes the gradient on the closed interval);
+   - sigmoid: with theta = acos(c), u = (pi/2 - theta) / (2k), t = tanh(u), T = tanh(pi / (4k)), g = t / T:
+     dg/dc = (1 - t^2) / (2 k T sqrt(1 - c^2)) (0 outside the clamp), and for a learned k
+     dg/dk = g (1 - T^2) pi / (4 k^2 T) - (1 - t^2) u / (k T);
+
+   then the chain rule: dL/dz = dL/dc * r, dL/dr = sum over the channels of dL/dc * z, dL/dk summed to k's shape;
+   the patch norm's gradient reaches the input through autograd (the all-ones convolution's transpose), the
+   filter norm's through the folded weight.
+4. Runs the forward and the backward pointwise math as one kernel each: on tensors of at least
+   ``COMPILE_MIN_NUMEL`` elements the two small functions below go through ``torch.compile(dynamic=True)``
+   (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
+   The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
+   eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
+   compiler is never required for correctness. Inside an outer ``torch.compile``/``torch.export`` trace the eager
+   functions are traced (the outer compiler fuses them).
+
+Double backward is not supported (the backward is ``once_differentiable``); the reference path
+(``impl="reference"``) supports it. Under autocast the tail runs in float32 (an fp32 island) as the reference does;
+float64 stays float64.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._checks import check_sigmoid_k
+from .operators import ACOS_EPS
+
+IMPLS: tuple[str, ...] = ("fused", "reference")
+_TWO_OVER_PI = 2.0 / math.pi
+_HI = 1.0 - ACOS_EPS  # the acos clamp is [-_HI, _HI]
+DEFAULT_SIGMOID_K = 0.3  # official k of the fixed sigmoid operator
+COMPILE_MIN_NUMEL = 1 << 20  # tails with at least this many elements use the compiled kernels
+
+
+def check_impl(impl: object) -> str:
+    """Returns ``impl`` if it names a SphereConv implementation (``"fused"`` or ``"reference"``), else raises."""
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a str, one of {list(IMPLS)}; got {type(impl).__name__} {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {list(IMPLS)}")
+    return impl
+
+
+def sigmoid_k_for(operator: str, sigmoid_k: float | Tensor | None) -> float | Tensor | None:
+    """The k the operator uses: None for cosine/linear, 0.3 (official) for a missing sigmoid k; validated."""
+    if operator in ("cosine", "linear"):
+        return None
+    if sigmoid_k is None:
+        if operator == "learnable_sigmoid":
+            raise ValueError("operator 'learnable_sigmoid' needs sigmoid_k (the learned, effective k); got None")
+        return DEFAULT_SIGMOID_K
+    return check_sigmoid_k(sigmoid_k)
+
+
+def _box_padding(padding, kernel: tuple[int, ...], dilation) -> tuple[int, ...] | None:
+    """Symmetric integer padding when a sum pool can replace the all-ones convolution, else None."""
+    nd = len(kernel)
+    dil = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
+    if any(d != 1 for d in dil):
+        return None
+    if padding == "valid":
+        pad = (0,) * nd
+    elif padding == "same":
+        if any((k - 1) % 2 for k in kernel):
+            return None  # asymmetric 'same' padding
+        pad = tuple((k - 1) // 2 for k in kernel)
+    else:
+        pad = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    return pad if all(2 * p <= k for p, k in zip(pad, kernel)) else None  # the pooling ops' limit
+
+
+def patch_rnorm(input: Tensor, kernel: tuple[int, ...], stride, padding, dilation, groups: int,
+                eps: float) -> Tensor:
+    """1 / sqrt(|x_patch|^2 + eps) per group and output location, shape (N, G, *out).
+
+    The squared input, summed over each group's channels, is summed over every kernel window -- by a sum pool
+    (``avg_pool`` with ``divisor_override=1``; zero padding counted, as the main convolution's) when the padding is
+    symmetric and there is no dilation, else by an all-ones convolution -- as ``conv.patch_norm_sq`` computes it.
+    """
+    nd = len(kernel)
+    n, c_in = input.shape[:2]
+    sq = input.square()
+    sq = sq.sum(1, keepdim=True) if groups == 1 else sq.reshape(n, groups, c_in // groups, *input.shape[2:]).sum(2)
+    pad = _box_padding(padding, kernel, dilation)
+    if pad is None:
+        ones = torch.ones((groups, 1, *kernel), dtype=sq.dtype, device=sq.device)
+        total = (F.conv1d, F.conv2d, F.conv3d)[nd - 1](sq, ones, None, stride, padding, dilation, groups)
+    elif nd == 1:
+        total = F.avg_pool1d(sq, kernel, stride, pad, False, True) * kernel[0]
+    else:
+        total = (F.avg_pool2d, F.avg_pool3d)[nd - 2](sq, kernel, stride, pad, False, True, 1)
+    return torch.rsqrt(total + eps)
+
+
+def _sigmoid_parts(c: Tensor, k: float | Tensor) -> tuple[Tensor, Tensor, float | Tensor, Tensor]:
+    """u = (pi/2 - acos(clamp(c))) / (2k), t = tanh(u), T = tanh(pi / (4k)) and 1 / sqrt(1 - clamp(c)^2)."""
+    cc = c.clamp(-_HI, _HI)
+    u = (math.pi / 2 - torch.acos(cc)) / (2 * k)
+    big_t = torch.tanh(math.pi / (4 * k)) if isinstance(k, Tensor) else math.tanh(math.pi / (4 * k))
+    return u, torch.tanh(u), big_t, torch.rsqrt(1.0 - cc * cc)
+
+
+def tail_forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str) -> Tensor:
+    """g(z * r) (+ bias): the pointwise forward of :class:`SphereTail`."""
+    c = z * r
+    if operator == "cosine":
+        out = c
+    elif operator == "linear":
+        out = 1.0 - _TWO_OVER_PI * torch.acos(c.clamp(-_HI, _HI))
+    else:
+        _, t, big_t, _ = _sigmoid_parts(c, k)
+        out = t / big_t
+    return out if bias is None else out + bias
+
+
+def tail_backward(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, operator: str,
+                  need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dL/dz, dL/dr, dL/dk) of :func:`tail_forward` given dL/dout; dL/dr and dL/dk summed to r's and k's shapes."""
+    c = z * r
+    grad_k = None
+    if operator == "cosine":
+        gc = grad
+    else:
+        outside = c.abs() > _HI  # zero gradient outside the acos clamp, as safe_acos
+        if operator == "linear":
+            cc = c.clamp(-_HI, _HI)
+            gc = torch.where(outside, 0.0, grad * (_TWO_OVER_PI * torch.rsqrt(1.0 - cc * cc)))
+        else:
+            u, t, big_t, inv_sin = _sigmoid_parts(c, k)
+            sech2 = 1.0 - t * t
+            gc = torch.where(outside, 0.0, grad * sech2 * inv_sin / (2 * k * big_t))
+            if need_k:  # dg/dk = g (1 - T^2) pi / (4 k^2 T) - (1 - t^2) u / (k T), with g = t / T
+                dk = t * ((1.0 - big_t * big_t) * math.pi / (4 * k * k * big_t * big_t)) - sech2 * u / (k * big_t)
+                grad_k = (grad * dk).sum_to_size(k.shape)
+    return gc * r, (gc * z).sum_to_size(r.shape), grad_k
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _kernel(name: str, fn: Callable, numel: int) -> Callable:
+    """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring)."""
+    if numel < COMPILE_MIN_NUMEL or torch.compiler.is_compiling() or _COMPILED.get("failed"):
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled = _COMPILED[name]
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001 -- any compiler failure: fall back to the eager kernel for good
+            _COMPILED["failed"] = True
+            warnings.warn(f"torchsphere: compiling the fused SphereConv tail failed ({type(err).__name__}: {err}); "
+                          "using the eager kernels", RuntimeWarning, stacklevel=3)
+            return fn(*args)
+
+    return run
+
+
+class SphereTail(torch.autograd.Function):
+    """g(z * r) (+ bias) with an analytic backward.
+
+    ``SphereTail.apply(z, r, k, bias, operator)``:
+
+    Args:
+        z: the convolution with the filter-normalized weight, any shape (e.g. (N, C_out, *out), or
+            (N, G, C_out / G, *out) for grouped convolutions, or (*, out_features)).
+        r: reciprocal patch norms, broadcastable to ``z`` (e.g. (N, 1, *out), (N, G, 1, *out) or (*, 1)).
+        k: the sigmoid k: None (cosine/linear), a number, or a tensor broadcastable to ``z`` (learnable k: it gets
+            a gradient).
+        bias: None or a tensor broadcastable to ``z``, added after g.
+        operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
+
+    Returns:
+        g(z * r) (+ bias), shape of ``z``. Saves z, r and k.
+    """
+
+    @staticmethod
+    def forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str) -> Tensor:
+        return _kernel("forward", tail_forward, z.numel())(z, r, k, bias, operator)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        z, r, k, bias, operator = inputs
+        ctx.operator = operator
+        ctx.k_float = None if isinstance(k, Tensor) else k  # a number stays a number: no host-to-device copy
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.save_for_backward(z, r, k if isinstance(k, Tensor) else None)  # inputs only: the output is not kept
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        z, r, k_t = ctx.saved_tensors
+        k = ctx.k_float if k_t is None else k_t
+        need_k = k_t is not None and ctx.needs_input_grad[2]
+        grad_z, grad_r, grad_k = _kernel("backward", tail_backward, z.numel())(
+            grad.contiguous(), z, r, k, ctx.operator, need_k)
+        grad_bias = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad.sum_to_size(ctx.bias_shape)
+        return grad_z, grad_r, grad_k, grad_bias, None

@@ -1,0 +1,327 @@
+"""The fused SphereConv path (issue 8) against the eager reference composition and finite differences.
+
+Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). ``impl="fused"`` (the default) must give
+the same values and gradients as ``impl="reference"``: float64 to 1e-10, float32 to 1e-5 (``REF_ATOL``), with the
+same clamp semantics at cos = +-1, finite results at zero patches, an fp32 island under autocast, and it must trace
+under ``torch.compile(fullgraph=True)`` and ``torch.export``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import AUTOCAST_ATOL, DEVICE, REF_ATOL
+from torch import nn
+
+from torchsphere.functional import angular_activation, sphere_conv1d, sphere_conv2d, sphere_conv3d, sphere_linear
+from torchsphere.functional import fused
+from torchsphere.functional.conv import patch_norm_sq
+from torchsphere.functional.fused import SphereTail, check_impl, patch_rnorm
+from torchsphere.functional.operators import ACOS_EPS, learnable_k
+from torchsphere.nn import SphereConv2d, SphereLinear
+
+OPS = ("linear", "cosine", "sigmoid", "learnable_sigmoid")
+CONV = {1: sphere_conv1d, 2: sphere_conv2d, 3: sphere_conv3d}
+# (nd, C_in, C_out, spatial, kernel, stride, padding, dilation, groups)
+CONV_CASES = [
+    (1, 4, 6, (9,), 3, 2, 1, 1, 1),
+    (2, 4, 6, (7, 6), 3, 1, 1, 1, 2),
+    (2, 3, 5, (8, 8), (3, 2), (2, 1), (1, 0), 2, 1),
+    (2, 4, 4, (6, 6), 3, 1, "same", 1, 4),
+    (3, 2, 4, (4, 5, 4), 2, 1, "valid", 1, 1),
+]
+
+
+def _k(op: str, k_raw: torch.Tensor) -> float | torch.Tensor | None:
+    return learnable_k(k_raw) if op == "learnable_sigmoid" else 0.3
+
+
+def _conv_inputs(case, dtype, bias: bool):
+    nd, c_in, c_out, spatial, kernel, stride, padding, dilation, groups = case
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * nd
+    x = torch.randn(2, c_in, *spatial, dtype=dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(c_out, c_in // groups, *ks, dtype=dtype).to(DEVICE).requires_grad_()
+    b = torch.randn(c_out, dtype=dtype).to(DEVICE).requires_grad_() if bias else None
+    k_raw = (0.2 + torch.rand(c_out, dtype=dtype)).to(DEVICE).requires_grad_()
+    return x, w, b, k_raw, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _values_and_grads(fn, leaves):
+    out = fn()
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)).to(out.device)
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}d-g{c[-1]}-p{c[6]}")
+def test_fused_conv_matches_reference(case, op, dtype):
+    x, w, b, k_raw, kw = _conv_inputs(case, dtype, bias=case[-1] > 1)
+    leaves = [t for t in (x, w, b, k_raw) if t is not None]
+    results = [_values_and_grads(lambda: CONV[case[0]](x, w, b, **kw, operator=op, sigmoid_k=_k(op, k_raw),
+                                                       impl=impl), leaves) for impl in ("fused", "reference")]
+    (out_f, grads_f), (out_r, grads_r) = results
+    atol = REF_ATOL[dtype]
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=atol)
+    for leaf, g_f, g_r in zip(leaves, grads_f, grads_r):
+        if leaf is k_raw and op != "learnable_sigmoid":
+            assert g_f is None and g_r is None
+            continue
+        scale = max(1.0, g_r.abs().max().item())  # weight gradients grow with 1/|w|; compare relative to it
+        torch.testing.assert_close(g_f, g_r, rtol=0, atol=atol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("op", OPS)
+def test_fused_linear_matches_reference(op, dtype):
+    x = torch.randn(3, 2, 7, dtype=dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(5, 7, dtype=dtype).to(DEVICE).requires_grad_()
+    b = torch.randn(5, dtype=dtype).to(DEVICE).requires_grad_()
+    k_raw = (0.2 + torch.rand(5, dtype=dtype)).to(DEVICE).requires_grad_()
+    leaves = [x, w, b, k_raw] if op == "learnable_sigmoid" else [x, w, b]
+    (out_f, grads_f), (out_r, grads_r) = [
+        _values_and_grads(lambda: sphere_linear(x, w, b, operator=op, sigmoid_k=_k(op, k_raw), impl=impl), leaves)
+        for impl in ("fused", "reference")]
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=REF_ATOL[dtype])
+    for g_f, g_r in zip(grads_f, grads_r):
+        torch.testing.assert_close(g_f, g_r, rtol=0, atol=REF_ATOL[dtype] * max(1.0, g_r.abs().max().item()))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_patch_rnorm_matches_ones_convolution(nd):
+    """The sum-pool shortcut (and its ones-convolution fallback) equals conv.patch_norm_sq in float64."""
+    x = torch.randn(2, 4, *([6] * nd), dtype=torch.float64).to(DEVICE).requires_grad_()
+    for kernel, stride, padding, dilation, groups in [(3, 1, 1, 1, 1), (3, 2, 1, 1, 2), (2, 1, "valid", 1, 1),
+                                                      (3, 1, "same", 1, 4), (2, 1, "same", 1, 1),
+                                                      (3, 1, 2, 1, 1), (3, 1, 1, 2, 2)]:
+        ks = (kernel,) * nd
+        got = patch_rnorm(x, ks, stride, padding, dilation, groups, 1e-4)
+        want = torch.rsqrt(patch_norm_sq(x, ks, stride, padding, dilation, groups) + 1e-4)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        (g_got,), (g_want,) = (torch.autograd.grad(t.sum(), (x,)) for t in (got, want))
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_sphere_tail(op, seed):
+    """The autograd.Function itself, every input differentiable (z, r, a per-channel k, a bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = (0.5 + torch.rand(2, 1, 2, 3, generator=gen, dtype=torch.float64)).to(DEVICE)
+    cos = (1.6 * torch.rand(2, 3, 2, 3, generator=gen, dtype=torch.float64) - 0.8).to(DEVICE)  # |c| <= 0.8
+    z = (cos / r).requires_grad_()
+    r.requires_grad_()
+    bias = torch.randn(1, 3, 1, 1, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    k = (0.1 + torch.rand(1, 3, 1, 1, generator=gen, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    if op == "learnable_sigmoid":
+        fn, inputs = (lambda z, r, k, b: SphereTail.apply(z, r, k, b, op)), (z, r, k, bias)
+    else:
+        fn, inputs = (lambda z, r, b: SphereTail.apply(z, r, 0.3, b, op)), (z, r, bias)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_fused_conv2d_and_linear(op):
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64).to(DEVICE).requires_grad_()
+    k_raw = (0.2 + torch.rand(4, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, w, k_raw: sphere_conv2d(x, w, None, 2, 1, 1, 2, operator=op, sigmoid_k=_k(op, k_raw)),
+        (x, w, k_raw))
+    v = torch.randn(3, 5, dtype=torch.float64).to(DEVICE).requires_grad_()
+    u = torch.randn(4, 5, dtype=torch.float64).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, u, k_raw: sphere_linear(v, u, operator=op, sigmoid_k=_k(op, k_raw)),
+                                    (v, u, k_raw))
+
+
+def test_sigmoid_k_scalar_tensor_gets_gradient():
+    z = torch.randn(2, 3, 4, dtype=torch.float64).to(DEVICE).requires_grad_()
+    r = torch.full((2, 1, 4), 0.4, dtype=torch.float64).to(DEVICE)
+    k = torch.tensor(0.4, dtype=torch.float64).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z, k: SphereTail.apply(z, r, k, None, "learnable_sigmoid"), (z, k))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_clamp_semantics_at_cos_pm1(op):
+    """cos = +-1 and beyond: the same finite values and (zero outside the clamp) gradients as safe_acos."""
+    cos = torch.tensor([[-1.5, -1.0, -1.0 + ACOS_EPS, -0.3, 0.0, 0.7, 1.0 - ACOS_EPS, 1.0, 1.0 + 1e-9]],
+                       dtype=torch.float64).to(DEVICE)
+    r = torch.full((1, 1), 2.0, dtype=torch.float64).to(DEVICE)
+    k_raw = torch.tensor([0.4], dtype=torch.float64).to(DEVICE).requires_grad_()
+    z_f = (cos / r).requires_grad_()
+    z_r = z_f.detach().clone().requires_grad_()
+    out_f = SphereTail.apply(z_f, r, _k(op, k_raw).reshape(1, 1) if op == "learnable_sigmoid" else 0.3, None, op)
+    out_r = angular_activation(z_r * r, op, _k(op, k_raw), dim=0)
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-12)
+    out_f.sum().backward()
+    out_r.sum().backward()
+    assert torch.isfinite(z_f.grad).all()
+    torch.testing.assert_close(z_f.grad, z_r.grad, rtol=1e-9, atol=1e-9)
+    if op != "cosine":
+        assert z_f.grad[0, 0] == 0 and z_f.grad[0, -1] == 0  # outside the clamp range
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cos_one_patch_and_zero_input_finite(op):
+    """A patch equal to the kernel (cos ~ 1) and an all-zero input: finite outputs and gradients, as the reference."""
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64).to(DEVICE)
+    x = w[:1].clone().requires_grad_()  # (1, 2, 3, 3): one patch, identical to filter 0
+    w.requires_grad_()
+    k_raw = torch.full((3,), 0.3, dtype=torch.float64).to(DEVICE).requires_grad_()
+    for inp in (x, torch.zeros(2, 2, 5, 5, dtype=torch.float64).to(DEVICE).requires_grad_()):
+        outs = []
+        for impl in ("fused", "reference"):
+            out = sphere_conv2d(inp, w, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl)
+            grads = torch.autograd.grad(out.sum(), (inp, w))
+            assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+            outs.append((out, grads))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-10)
+        for g_f, g_r in zip(outs[0][1], outs[1][1]):
+            torch.testing.assert_close(g_f, g_r, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_bf16_fp32_island(op):
+    layer = SphereConv2d(3, 4, 3, padding=1, operator=op).to(DEVICE)
+    x = torch.randn(2, 3, 6, 6).to(DEVICE)
+    with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
+        out = layer(x)
+        ref = sphere_conv2d(x, layer.weight, padding=1, operator=op, sigmoid_k=layer.effective_k(),
+                            impl="reference")
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), layer(x), rtol=0, atol=AUTOCAST_ATOL)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=AUTOCAST_ATOL)
+    (grad_w,) = torch.autograd.grad(out.float().sum(), (layer.weight,))
+    assert torch.isfinite(grad_w).all() and grad_w.dtype == torch.float32
+
+
+def test_fused_saves_less_than_reference():
+    """The fused node keeps one full-size tensor (c) plus the small r; the reference keeps several."""
+    x = torch.randn(4, 8, 10, 10).to(DEVICE)
+    w = torch.randn(16, 8, 3, 3).to(DEVICE).requires_grad_()
+    full = 4 * 16 * 10 * 10 * 4  # bytes of one (N, C_out, H, W) float32 tensor
+
+    def saved_bytes(impl: str, op: str) -> int:
+        total = []
+        pack = lambda t: total.append(t.numel() * t.element_size()) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sphere_conv2d(x, w, padding=1, operator=op, impl=impl)
+        return sum(total)
+
+    for op in ("linear", "sigmoid"):
+        fused, ref = saved_bytes("fused", op), saved_bytes("reference", op)
+        assert fused < 1.5 * full + x.numel() * 4 * 2  # c, r, the input of the two convolutions
+        assert fused < ref
+
+
+def test_inplace_op_after_layer_and_no_double_backward():
+    """The output is not saved, so an in-place ReLU after the layer is legal; double backward is not supported."""
+    layer = SphereConv2d(2, 3, 3, operator="linear").to(DEVICE)
+    x = torch.randn(2, 2, 5, 5).to(DEVICE).requires_grad_()
+    out = layer(x).relu_()
+    (g,) = torch.autograd.grad(out.sum(), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+def test_torch_func_grad_matches_reference():
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64).to(DEVICE)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64).to(DEVICE)
+    k = torch.full((4,), 0.4, dtype=torch.float64).to(DEVICE)
+
+    def loss(w, impl):
+        return sphere_conv2d(x, w, padding=1, operator="learnable_sigmoid", sigmoid_k=k, impl=impl).sin().sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(w, "fused"), torch.func.grad(loss)(w, "reference"),
+                               rtol=0, atol=1e-10)
+
+
+def test_compile_fullgraph_and_export(monkeypatch):
+    """Inside an outer trace the eager kernels are traced (with COMPILE_MIN_NUMEL=0: no nested compile either)."""
+    net = nn.Sequential(SphereConv2d(3, 4, 3, padding=1, operator="learnable_sigmoid"), nn.BatchNorm2d(4),
+                        nn.ReLU(), SphereConv2d(4, 4, 3, operator="linear", bias=True), nn.Flatten(),
+                        SphereLinear(16, 5, operator="sigmoid")).to(DEVICE)
+    x = torch.randn(2, 3, 4, 4).to(DEVICE)
+    out = net(x)
+    grads = torch.autograd.grad(out.sum(), list(net.parameters()))
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x)
+    grads_c = torch.autograd.grad(out_c.sum(), list(net.parameters()))
+    torch.testing.assert_close(out_c, out)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b)
+    net.eval()
+    with monkeypatch.context() as m:
+        m.setattr(fused, "COMPILE_MIN_NUMEL", 1 << 30)
+        out_eval = net(x)
+    exported = torch.export.export(net, (x,))
+    torch.testing.assert_close(exported.module()(x), out_eval)
+    assert not fused._COMPILED  # the kernels were traced into the outer graphs, never compiled on their own
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_kernels_match_eager(backend, monkeypatch):
+    """The compiled pointwise kernels (used for large tails) equal the eager ones; inductor for one operator only."""
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_COMPILED", {
+        name: torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        for name, fn in (("forward", fused.tail_forward), ("backward", fused.tail_backward))})
+    ops = ("learnable_sigmoid",) if backend == "inductor" else OPS
+    for op in ops:
+        for shape in [(2, 6, 5, 5), (3, 6, 4, 7)][:2 if op == "learnable_sigmoid" else 1]:  # dynamic shapes
+            x = torch.randn(shape[0], 4, *shape[2:]).to(DEVICE).requires_grad_()
+            w = torch.randn(shape[1], 4, 3, 3).to(DEVICE).requires_grad_()
+            k_raw = (0.2 + torch.rand(shape[1])).to(DEVICE).requires_grad_()
+            b = torch.randn(shape[1]).to(DEVICE).requires_grad_()
+            (out_f, g_f), (out_r, g_r) = [_values_and_grads(
+                lambda: sphere_conv2d(x, w, b, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl),
+                [x, w, k_raw, b] if op == "learnable_sigmoid" else [x, w, b]) for impl in ("fused", "reference")]
+            torch.testing.assert_close(out_f, out_r, rtol=0, atol=REF_ATOL[torch.float32])
+            for a, e in zip(g_f, g_r):
+                torch.testing.assert_close(a, e, rtol=0, atol=REF_ATOL[torch.float32] * max(1.0, e.abs().max().item()))
+    assert not fused._COMPILED.get("failed")
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_COMPILED", {"forward": broken, "backward": broken})
+    x, w = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()
+    with pytest.warns(RuntimeWarning, match="compiling the fused SphereConv tail failed"):
+        out = sphere_conv2d(x, w, operator="linear")
+    torch.testing.assert_close(out, sphere_conv2d(x, w, operator="linear", impl="reference"))
+    out.sum().backward()  # the backward uses the eager kernel now, without another warning
+    assert fused._COMPILED["failed"] and torch.isfinite(w.grad).all()
+
+
+def test_impl_errors():
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="unknown impl 'eager'"):
+        sphere_conv2d(x, w, impl="eager")
+    with pytest.raises(TypeError, match="impl must be a str.*got int 1"):
+        sphere_linear(torch.randn(2, 3), torch.randn(4, 3), impl=1)
+    assert check_impl("reference") == "reference"
+    with pytest.raises(ValueError, match="sigmoid_k is required.*got None"):
+        sphere_conv2d(x, w, operator="learnable_sigmoid", sigmoid_k=None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", OPS)
+def test_fused_matches_reference_on_cuda(op):
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).cuda().requires_grad_()
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64).cuda().requires_grad_()
+    k_raw = torch.full((6,), 0.4, dtype=torch.float64).cuda().requires_grad_()
+    (out_f, g_f), (out_r, g_r) = [
+        _values_and_grads(lambda: sphere_conv2d(x, w, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl),
+                          [x, w]) for impl in ("fused", "reference")]
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-10)
+    for a, b in zip(g_f, g_r):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * max(1.0, b.abs().max().item()))
+    assert math.isfinite(out_f.sum().item())

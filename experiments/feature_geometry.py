@@ -53,7 +53,8 @@ def geometry(features: Tensor, labels: Tensor) -> dict[str, float]:
         norms = f.norm(dim=1)
         units = f / norms.clamp_min(1e-12)[:, None]
         concentration.append(float(units.mean(dim=0).norm()))
-        radial.append(float(norms.std() / norms.mean().clamp_min(1e-12)))
+        # population coefficient of variation: defined for a single sample too
+        radial.append(float(norms.std(correction=0) / norms.mean().clamp_min(1e-12)))
     return {"angular_concentration": statistics.fmean(concentration), "radial_cv": statistics.fmean(radial)}
 
 

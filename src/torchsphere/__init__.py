@@ -4,7 +4,8 @@ Implements *Deep Hyperspherical Learning* (W. Liu et al., NIPS 2017, arXiv 1711.
 GA-Softmax, SphereNorm — and its sibling methods (MHE, hyperspherical uniformity, orthonormality).
 """
 from . import functional, nn
-from .functional import angular_activation, orthonormal_penalty, sphere_conv1d, sphere_conv2d, sphere_conv3d, sphere_linear
+from .functional import (angular_activation, orthonormal_penalty, sphere_conv1d, sphere_conv2d, sphere_conv3d,
+                         sphere_linear)
 from .nn import (AngularHead, GASoftmaxLoss, LambdaSchedule, SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear,
                  SphereNorm1d, SphereNorm2d, SphereNorm3d)
 

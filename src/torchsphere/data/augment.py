@@ -7,8 +7,9 @@ The official CIFAR recipes (wy1iu/SphereNet, Liu et al., NIPS 2017; wy1iu/MHE, L
   flip (``"cifar10+"``).
 
 Every operation is vectorized over the batch: one draw of per-sample offsets and flip decisions, then a single
-gather of the output pixels — no Python loop over samples, no padded copy, no PIL. Random numbers are drawn on the generator's device (CPU generator -> CPU draws,
-moved to the data), so a CPU generator drives augmentation of CUDA batches identically to CPU batches.
+gather of the output pixels — no Python loop over samples, no padded copy, no PIL. Random numbers are drawn on the
+generator's device (CPU generator -> CPU draws, moved to the data), so a CPU generator drives augmentation of CUDA
+batches identically to CPU batches.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .fused import SphereTail, check_impl, patch_rnorm, sigmoid_k_for
-from .operators import _broadcast_k, angular_activation
+from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -138,7 +138,8 @@ def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, st
 
 
 def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                  groups: int = 1, *, operator: str = "cosine", sigmoid_k: float | Tensor | None = 0.3,
+                  groups: int = 1, *, operator: str = "cosine",
+                  sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K,
                   eps: float = 1e-4, impl: str = "fused") -> Tensor:
     """1-D SphereConv: g(theta(w, x_patch)) (+ bias). Arguments as ``F.conv1d`` plus the operator.
 
@@ -159,7 +160,8 @@ def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
 
 
 def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                  groups: int = 1, *, operator: str = "cosine", sigmoid_k: float | Tensor | None = 0.3,
+                  groups: int = 1, *, operator: str = "cosine",
+                  sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K,
                   eps: float = 1e-4, impl: str = "fused") -> Tensor:
     """2-D SphereConv; see :func:`sphere_conv1d`. input (N, C_in, H, W), weight (C_out, C_in / groups, kh, kw)."""
     return _sphere_conv(2, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
@@ -167,8 +169,12 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
 
 
 def sphere_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                  groups: int = 1, *, operator: str = "cosine", sigmoid_k: float | Tensor | None = 0.3,
+                  groups: int = 1, *, operator: str = "cosine",
+                  sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K,
                   eps: float = 1e-4, impl: str = "fused") -> Tensor:
-    """3-D SphereConv; see :func:`sphere_conv1d`. input (N, C_in, D, H, W), weight (C_out, C_in / groups, kd, kh, kw)."""
+    """3-D SphereConv; see :func:`sphere_conv1d`.
+
+    input (N, C_in, D, H, W), weight (C_out, C_in / groups, kd, kh, kw).
+    """
     return _sphere_conv(3, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
                         impl)

@@ -47,12 +47,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_sigmoid_k
-from .operators import ACOS_EPS
+from .operators import ACOS_EPS, DEFAULT_SIGMOID_K
 
 IMPLS: tuple[str, ...] = ("fused", "reference")
 _TWO_OVER_PI = 2.0 / math.pi
 _HI = 1.0 - ACOS_EPS  # the acos clamp is [-_HI, _HI]
-DEFAULT_SIGMOID_K = 0.3  # official k of the fixed sigmoid operator
 COMPILE_MIN_NUMEL = 1 << 20  # tails with at least this many elements use the compiled kernels
 
 

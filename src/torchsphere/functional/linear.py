@@ -8,7 +8,7 @@ from torch import Tensor
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .conv import filter_norm, tail_dtype
 from .fused import SphereTail, check_impl, sigmoid_k_for
-from .operators import _broadcast_k, angular_activation
+from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 
 def linear_cosine(lin: Tensor, input: Tensor, weight: Tensor, eps: float = 1e-4) -> Tensor:
@@ -19,7 +19,8 @@ def linear_cosine(lin: Tensor, input: Tensor, weight: Tensor, eps: float = 1e-4)
 
 
 def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, operator: str = "cosine",
-                  sigmoid_k: float | Tensor | None = 0.3, eps: float = 1e-4, impl: str = "fused") -> Tensor:
+                  sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K, eps: float = 1e-4,
+                  impl: str = "fused") -> Tensor:
     """g(theta(W_j, x)) (+ bias) for every output unit j.
 
     Args:

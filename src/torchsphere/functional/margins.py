@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .conv import tail_dtype
-from .operators import angular_activation, safe_acos, sigmoid_of_angle
+from .operators import DEFAULT_SIGMOID_K, angular_activation, safe_acos, sigmoid_of_angle
 
 IGNORE_INDEX = -1  # label value that carries no margin (insightface convention); pass it to F.cross_entropy too
 
@@ -107,7 +107,7 @@ def extended_operator(phi: Tensor, operator: str = "cosine", sigmoid_k: float | 
     if sigmoid_k is None:
         if operator == "learnable_sigmoid":
             raise ValueError("operator 'learnable_sigmoid' needs sigmoid_k (the learned, effective k); got None")
-        sigmoid_k = 0.3
+        sigmoid_k = DEFAULT_SIGMOID_K
     return sigmoid_of_angle(phi, check_sigmoid_k(sigmoid_k))
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from ._checks import check_operator, check_sigmoid_k
 
 ACOS_EPS = 1e-6  # clamp margin before acos: keeps the acos gradient finite (|grad| <= 1/sqrt(2e-6) ~ 707)
+DEFAULT_SIGMOID_K = 0.3  # official k of the fixed sigmoid operator
 LEARNABLE_K_MIN = 0.05  # effective k = |k_raw| + 0.05 for the learnable SphereConv (official code)
 LEARNABLE_K_RAW_INIT = 0.7  # official initial k_raw
 
@@ -82,6 +83,6 @@ def angular_activation(cos: Tensor, operator: str = "cosine", sigmoid_k: float |
     if sigmoid_k is None:
         if operator == "learnable_sigmoid":
             raise ValueError("operator 'learnable_sigmoid' needs sigmoid_k (the learned, effective k); got None")
-        sigmoid_k = 0.3
+        sigmoid_k = DEFAULT_SIGMOID_K
     k = _broadcast_k(check_sigmoid_k(sigmoid_k), cos, dim)
     return sigmoid_of_angle(safe_acos(cos), k)

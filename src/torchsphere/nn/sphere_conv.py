@@ -15,9 +15,8 @@ from torch import Tensor, nn
 from ..functional._checks import check_operator, check_positive
 from ..functional.conv import sphere_conv1d, sphere_conv2d, sphere_conv3d
 from ..functional.linear import sphere_linear
-from ..functional.operators import LEARNABLE_K_MIN, LEARNABLE_K_RAW_INIT, learnable_k
+from ..functional.operators import DEFAULT_SIGMOID_K, LEARNABLE_K_MIN, LEARNABLE_K_RAW_INIT, learnable_k
 
-DEFAULT_SIGMOID_K = 0.3  # official k of the fixed sigmoid operator
 
 
 class _SphereMixin:

@@ -10,13 +10,18 @@ from torch import Tensor
 OPERATORS: tuple[str, ...] = ("linear", "cosine", "sigmoid", "learnable_sigmoid")
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...], what: str | None = None) -> str:
+    """Returns ``value`` if it is one of ``choices``; else a TypeError/ValueError naming ``name`` and the value."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}; got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"unknown {what or name} {value!r}; choose from {list(choices)}")
+    return value
+
+
 def check_operator(operator: object) -> str:
     """Returns ``operator`` if it names a sphere operator, else raises."""
-    if not isinstance(operator, str):
-        raise TypeError(f"operator must be a str, one of {list(OPERATORS)}; got {type(operator).__name__} {operator!r}")
-    if operator not in OPERATORS:
-        raise ValueError(f"unknown sphere operator {operator!r}; choose from {list(OPERATORS)}")
-    return operator
+    return check_choice("operator", operator, OPERATORS, what="sphere operator")
 
 
 def check_positive(name: str, value: object) -> float:

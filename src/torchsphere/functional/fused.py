@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_sigmoid_k
+from ._checks import check_choice, check_sigmoid_k
 from .operators import ACOS_EPS, DEFAULT_SIGMOID_K
 
 IMPLS: tuple[str, ...] = ("fused", "reference")
@@ -57,11 +57,7 @@ COMPILE_MIN_NUMEL = 1 << 20  # tails with at least this many elements use the co
 
 def check_impl(impl: object) -> str:
     """Returns ``impl`` if it names a SphereConv implementation (``"fused"`` or ``"reference"``), else raises."""
-    if not isinstance(impl, str):
-        raise TypeError(f"impl must be a str, one of {list(IMPLS)}; got {type(impl).__name__} {impl!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose from {list(IMPLS)}")
-    return impl
+    return check_choice("impl", impl, IMPLS)
 
 
 def sigmoid_k_for(operator: str, sigmoid_k: float | Tensor | None) -> float | Tensor | None:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..functional._checks import OPERATORS, check_operator
+from ..functional._checks import OPERATORS, check_choice, check_operator
 from ..nn.heads import AngularHead
 from ..nn.sphere_conv import SphereConv2d
 from ..nn.sphere_norm import SphereNorm2d
@@ -38,14 +38,6 @@ OFFICIAL_BN_MOMENTUM = 1e-3  # PyTorch momentum of the official EMA decay 0.999
 # arguments of the architecture classes that are layer types: filled from a LayerConfig (or left at the class
 # default, such as ResNet's plain shortcut), never registry overrides and never part of ``default_cfg``
 LAYER_TYPE_SUFFIX = "_layer"
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {list(choices)}; got {type(value).__name__} {value!r}")
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose from {list(choices)}")
-    return value
 
 
 def _optional_positive(name: str, value: object) -> None:
@@ -84,9 +76,9 @@ class LayerConfig:
     head_scale: float | None = None
 
     def __post_init__(self) -> None:
-        _choice("operator", self.operator, CONV_CHOICES)
-        _choice("norm", self.norm, NORMS)
-        _choice("head", self.head, HEADS)
+        check_choice("operator", self.operator, CONV_CHOICES)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("head", self.head, HEADS)
         _optional_positive("sigmoid_k", self.sigmoid_k)
         if self.sigmoid_k is not None and self.operator not in ("sigmoid", "learnable_sigmoid"):
             raise ValueError(f"sigmoid_k applies only to operator 'sigmoid' or 'learnable_sigmoid'; got "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..functional._checks import OPERATORS
+from ..functional._checks import OPERATORS, check_choice
 from ..regularizers.model import METHODS
 
 HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
@@ -99,16 +99,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError/TypeError naming the field and the value received."""
-        _choice("head", self.head, HEADS)
-        _choice("norm", self.norm, NORMS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("regularizer", self.regularizer, REGULARIZERS)
-        _choice("device", self.device, DEVICES)
+        check_choice("head", self.head, HEADS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("regularizer", self.regularizer, REGULARIZERS)
+        check_choice("device", self.device, DEVICES)
         if self.operator is not None:
-            _choice("operator", self.operator, OPERATORS)
+            check_choice("operator", self.operator, OPERATORS)
         if self.head_operator is not None:
-            _choice("head_operator", self.head_operator, OPERATORS)
+            check_choice("head_operator", self.head_operator, OPERATORS)
             if self.head == "softmax":
                 raise ValueError(f"head_operator applies only to the angular heads 'wsoftmax' and 'gasoftmax'; got "
                                  f"head_operator={self.head_operator!r} with head='softmax'")
@@ -201,10 +201,3 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def config_defaults() -> dict[str, Any]:
     """The field defaults of :class:`TrainConfig` (for help texts)."""
     return TrainConfig().to_dict()
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {list(choices)}; got {type(value).__name__} {value!r}")
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose from {list(choices)}")

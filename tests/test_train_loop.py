@@ -208,3 +208,11 @@ def test_regularizer_coefficients_default_to_the_methods_official_values(method)
     assert (reg.lambda_hidden, reg.lambda_output) == default_lambdas(method)
     reg = build_regularizer(TrainConfig(regularizer=method, reg_lambda_hidden=0.5, reg_lambda_output=2.0), model)
     assert (reg.lambda_hidden, reg.lambda_output) == (0.5, 2.0)
+
+
+def test_config_without_regularizer_drops_its_coefficients(tmp_path):
+    """Runs saved before the coefficients defaulted to None (1.0 then) still resume and compare equal."""
+    old = TrainConfig(reg_lambda_hidden=1.0, reg_lambda_output=1.0)
+    assert old.to_dict() == TrainConfig().to_dict()
+    kept = TrainConfig(regularizer="mhe", reg_lambda_hidden=1.0)
+    assert kept.reg_lambda_hidden == 1.0

@@ -96,6 +96,8 @@ class TrainConfig:
         if self.widths is not None:
             self.widths = tuple(self.widths)
         self.validate()
+        if self.regularizer == "none":  # canonical form: coefficients of an absent regularizer mean nothing
+            self.reg_lambda_hidden = self.reg_lambda_output = self.reg_s = None
 
     def validate(self) -> None:
         """Raises ValueError/TypeError naming the field and the value received."""

@@ -165,13 +165,17 @@ def plot_convergence(results: list[ConfigResult], path: str | os.PathLike, title
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-    for result, color in zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+    many = len(results) > 6  # then one legend beside the plots, so that it hides no curve
+    fig, axes = plt.subplots(1, 2, figsize=(14.5 if many else 12, 4.5), dpi=110)
+    # every configuration its own (colour, line style, marker): the 10-colour cycle alone repeats colours
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = [(c, ls, mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")) for c in colors]
+    for result, (color, linestyle, marker) in zip(results, styles * (1 + len(results) // len(styles))):
         for ax, key, scale in ((axes[0], "test_acc", 100.0), (axes[1], "train_loss", 1.0)):
             steps, means, stds = _aligned(result.curves, key)
             low = [scale * (m - s) for m, s in zip(means, stds)]
             high = [scale * (m + s) for m, s in zip(means, stds)]
-            ax.plot(steps, [scale * m for m in means], color=color, lw=1.8, marker="o", ms=3,
+            ax.plot(steps, [scale * m for m in means], color=color, ls=linestyle, lw=1.8, marker=marker, ms=3,
                     label=f"{result.name} (n={len(result.curves)})")
             ax.fill_between(steps, low, high, color=color, alpha=0.18, lw=0)
     axes[0].set(title="Test accuracy (reported curve, not used for selection)", xlabel="step", ylabel="accuracy (%)")
@@ -180,9 +184,15 @@ def plot_convergence(results: list[ConfigResult], path: str | os.PathLike, title
         formatter(FormatStrFormatter("%.2g"))
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if not many:
+            ax.legend(fontsize=8)
     fig.suptitle(f"{title + ' — ' if title else ''}mean over seeds, band = ±1 std", fontsize=10)
-    fig.tight_layout()
+    if many:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 0.83, 1))
+    else:
+        fig.tight_layout()
 
     def write(f) -> None:
         fig.savefig(f, format="png")

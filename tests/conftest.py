@@ -19,6 +19,9 @@ TOL = {
 }
 # absolute tolerance of the ops against their slow float64 references (issue 2)
 REF_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# float32 dg/dc recovered from the saved output (memory_efficient=True) vs the float64 gradient, as a fraction of
+# the largest |dg/dc| of the operator (measured: at most 2e-4; see torchsphere.functional.fused, item 5)
+SAVE_OUTPUT_GRAD_RTOL_OF_MAX = 5e-4
 # low-precision autocast vs float32, for values in [-1, 1]
 AUTOCAST_ATOL = 3e-2
 

@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, REF_ATOL, assert_close
 from torch import nn
 
 from torchsphere import convert_to_sphere, revert_from_sphere
@@ -186,8 +186,28 @@ def test_convert_bad_input():
         convert_to_sphere(nn.Conv2d(1, 1, 1), include=["a", 1])
     with pytest.raises(TypeError, match="convert_linear must be a bool; got int 1"):
         convert_to_sphere(nn.Conv2d(1, 1, 1), convert_linear=1)
+    with pytest.raises(TypeError, match="memory_efficient must be a bool; got str 'no'"):
+        convert_to_sphere(nn.Conv2d(1, 1, 1), memory_efficient="no")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; got NoneType"):
         revert_from_sphere(None)
+
+
+def test_memory_efficient_conversion_trains_like_the_default():
+    """conv -> BN -> ReLU(inplace=True), torchvision's pattern: saving the conv outputs is legal and exact."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                             nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+
+    x = torch.randn(2, 3, 6, 6).to(DEVICE)
+    grads = []
+    for mem in (False, True):
+        model = convert_to_sphere(net(), "sigmoid", memory_efficient=mem).to(DEVICE)
+        assert all(m.memory_efficient is mem for m in model.modules() if isinstance(m, SphereConv2d))
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=REF_ATOL[torch.float32] * max(1.0, b.abs().max().item()))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm (optional extra) is not installed")

@@ -1,8 +1,9 @@
 """The fused SphereConv path (issue 8) against the eager reference composition and finite differences.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). ``impl="fused"`` (the default) must give
-the same values and gradients as ``impl="reference"``: float64 to 1e-10, float32 to 1e-5 (``REF_ATOL``), with the
-same clamp semantics at cos = +-1, finite results at zero patches, an fp32 island under autocast, and it must trace
+the same values and gradients as ``impl="reference"``: float64 to 1e-10, float32 to 1e-5 (``REF_ATOL``), in both
+saving modes (``memory_efficient=False``: z saved; True: the output saved and g inverted), with the same clamp
+semantics at cos = +-1, finite results at zero patches, an fp32 island under autocast, and it must trace
 under ``torch.compile(fullgraph=True)`` and ``torch.export``.
 """
 from __future__ import annotations
@@ -11,17 +12,18 @@ import math
 
 import pytest
 import torch
-from conftest import AUTOCAST_ATOL, DEVICE, REF_ATOL
+from conftest import AUTOCAST_ATOL, DEVICE, REF_ATOL, SAVE_OUTPUT_GRAD_RTOL_OF_MAX
 from torch import nn
 
 from torchsphere.functional import angular_activation, sphere_conv1d, sphere_conv2d, sphere_conv3d, sphere_linear
 from torchsphere.functional import fused
 from torchsphere.functional.conv import patch_norm_sq
-from torchsphere.functional.fused import SphereTail, check_impl, patch_rnorm
+from torchsphere.functional.fused import SphereTail, check_impl, check_memory_efficient, patch_rnorm
 from torchsphere.functional.operators import ACOS_EPS, learnable_k
 from torchsphere.nn import SphereConv2d, SphereLinear
 
 OPS = ("linear", "cosine", "sigmoid", "learnable_sigmoid")
+MODES = pytest.mark.parametrize("mem", [False, True], ids=["save-z", "save-output"])  # memory_efficient
 CONV = {1: sphere_conv1d, 2: sphere_conv2d, 3: sphere_conv3d}
 # (nd, C_in, C_out, spatial, kernel, stride, padding, dilation, groups)
 CONV_CASES = [
@@ -54,14 +56,16 @@ def _values_and_grads(fn, leaves):
     return out, grads
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}d-g{c[-1]}-p{c[6]}")
-def test_fused_conv_matches_reference(case, op, dtype):
+def test_fused_conv_matches_reference(case, op, dtype, mem):
     x, w, b, k_raw, kw = _conv_inputs(case, dtype, bias=case[-1] > 1)
     leaves = [t for t in (x, w, b, k_raw) if t is not None]
     results = [_values_and_grads(lambda: CONV[case[0]](x, w, b, **kw, operator=op, sigmoid_k=_k(op, k_raw),
-                                                       impl=impl), leaves) for impl in ("fused", "reference")]
+                                                       impl=impl, memory_efficient=me), leaves)
+               for impl, me in (("fused", mem), ("reference", False))]
     (out_f, grads_f), (out_r, grads_r) = results
     atol = REF_ATOL[dtype]
     torch.testing.assert_close(out_f, out_r, rtol=0, atol=atol)
@@ -73,17 +77,19 @@ def test_fused_conv_matches_reference(case, op, dtype):
         torch.testing.assert_close(g_f, g_r, rtol=0, atol=atol * scale)
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("op", OPS)
-def test_fused_linear_matches_reference(op, dtype):
+def test_fused_linear_matches_reference(op, dtype, mem):
     x = torch.randn(3, 2, 7, dtype=dtype).to(DEVICE).requires_grad_()
     w = torch.randn(5, 7, dtype=dtype).to(DEVICE).requires_grad_()
     b = torch.randn(5, dtype=dtype).to(DEVICE).requires_grad_()
     k_raw = (0.2 + torch.rand(5, dtype=dtype)).to(DEVICE).requires_grad_()
     leaves = [x, w, b, k_raw] if op == "learnable_sigmoid" else [x, w, b]
     (out_f, grads_f), (out_r, grads_r) = [
-        _values_and_grads(lambda: sphere_linear(x, w, b, operator=op, sigmoid_k=_k(op, k_raw), impl=impl), leaves)
-        for impl in ("fused", "reference")]
+        _values_and_grads(lambda: sphere_linear(x, w, b, operator=op, sigmoid_k=_k(op, k_raw), impl=impl,
+                                                memory_efficient=me), leaves)
+        for impl, me in (("fused", mem), ("reference", False))]
     torch.testing.assert_close(out_f, out_r, rtol=0, atol=REF_ATOL[dtype])
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, rtol=0, atol=REF_ATOL[dtype] * max(1.0, g_r.abs().max().item()))
@@ -104,9 +110,10 @@ def test_patch_rnorm_matches_ones_convolution(nd):
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
 
 
+@MODES
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck_sphere_tail(op, seed):
+def test_gradcheck_sphere_tail(op, seed, mem):
     """The autograd.Function itself, every input differentiable (z, r, a per-channel k, a bias)."""
     gen = torch.Generator().manual_seed(seed)
     r = (0.5 + torch.rand(2, 1, 2, 3, generator=gen, dtype=torch.float64)).to(DEVICE)
@@ -116,55 +123,87 @@ def test_gradcheck_sphere_tail(op, seed):
     bias = torch.randn(1, 3, 1, 1, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
     k = (0.1 + torch.rand(1, 3, 1, 1, generator=gen, dtype=torch.float64)).to(DEVICE).requires_grad_()
     if op == "learnable_sigmoid":
-        fn, inputs = (lambda z, r, k, b: SphereTail.apply(z, r, k, b, op)), (z, r, k, bias)
+        fn, inputs = (lambda z, r, k, b: SphereTail.apply(z, r, k, b, op, mem)), (z, r, k, bias)
     else:
-        fn, inputs = (lambda z, r, b: SphereTail.apply(z, r, 0.3, b, op)), (z, r, bias)
+        fn, inputs = (lambda z, r, b: SphereTail.apply(z, r, 0.3, b, op, mem)), (z, r, bias)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@MODES
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck_fused_conv2d_and_linear(op):
+def test_gradcheck_fused_conv2d_and_linear(op, mem):
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64).to(DEVICE).requires_grad_()
     w = torch.randn(4, 2, 3, 3, dtype=torch.float64).to(DEVICE).requires_grad_()
     k_raw = (0.2 + torch.rand(4, dtype=torch.float64)).to(DEVICE).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x, w, k_raw: sphere_conv2d(x, w, None, 2, 1, 1, 2, operator=op, sigmoid_k=_k(op, k_raw)),
+        lambda x, w, k_raw: sphere_conv2d(x, w, None, 2, 1, 1, 2, operator=op, sigmoid_k=_k(op, k_raw),
+                                          memory_efficient=mem),
         (x, w, k_raw))
     v = torch.randn(3, 5, dtype=torch.float64).to(DEVICE).requires_grad_()
     u = torch.randn(4, 5, dtype=torch.float64).to(DEVICE).requires_grad_()
-    assert torch.autograd.gradcheck(lambda v, u, k_raw: sphere_linear(v, u, operator=op, sigmoid_k=_k(op, k_raw)),
-                                    (v, u, k_raw))
+    assert torch.autograd.gradcheck(lambda v, u, k_raw: sphere_linear(v, u, operator=op, sigmoid_k=_k(op, k_raw),
+                                                                      memory_efficient=mem), (v, u, k_raw))
 
 
-def test_sigmoid_k_scalar_tensor_gets_gradient():
+@MODES
+def test_sigmoid_k_scalar_tensor_gets_gradient(mem):
     z = torch.randn(2, 3, 4, dtype=torch.float64).to(DEVICE).requires_grad_()
     r = torch.full((2, 1, 4), 0.4, dtype=torch.float64).to(DEVICE)
     k = torch.tensor(0.4, dtype=torch.float64).to(DEVICE).requires_grad_()
-    assert torch.autograd.gradcheck(lambda z, k: SphereTail.apply(z, r, k, None, "learnable_sigmoid"), (z, k))
+    assert torch.autograd.gradcheck(lambda z, k: SphereTail.apply(z, r, k, None, "learnable_sigmoid", mem), (z, k))
 
 
+@MODES
 @pytest.mark.parametrize("op", OPS)
-def test_clamp_semantics_at_cos_pm1(op):
-    """cos = +-1 and beyond: the same finite values and (zero outside the clamp) gradients as safe_acos."""
+def test_clamp_semantics_at_cos_pm1(op, mem):
+    """cos = +-1 and beyond: the same finite values and (zero outside the clamp) gradients as safe_acos.
+
+    Saving the output, a cosine exactly at the clamp bound +-(1 - ACOS_EPS) cannot be told from one beyond it (g is
+    the same), so its gradient is 0 there where the reference passes it (closed interval); everywhere else equal.
+    """
     cos = torch.tensor([[-1.5, -1.0, -1.0 + ACOS_EPS, -0.3, 0.0, 0.7, 1.0 - ACOS_EPS, 1.0, 1.0 + 1e-9]],
                        dtype=torch.float64).to(DEVICE)
     r = torch.full((1, 1), 2.0, dtype=torch.float64).to(DEVICE)
     k_raw = torch.tensor([0.4], dtype=torch.float64).to(DEVICE).requires_grad_()
     z_f = (cos / r).requires_grad_()
     z_r = z_f.detach().clone().requires_grad_()
-    out_f = SphereTail.apply(z_f, r, _k(op, k_raw).reshape(1, 1) if op == "learnable_sigmoid" else 0.3, None, op)
+    out_f = SphereTail.apply(z_f, r, _k(op, k_raw).reshape(1, 1) if op == "learnable_sigmoid" else 0.3, None, op,
+                             mem)
     out_r = angular_activation(z_r * r, op, _k(op, k_raw), dim=0)
     torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-12)
     out_f.sum().backward()
     out_r.sum().backward()
     assert torch.isfinite(z_f.grad).all()
-    torch.testing.assert_close(z_f.grad, z_r.grad, rtol=1e-9, atol=1e-9)
+    at_bound = [2, 6] if mem and op != "cosine" else []
+    keep = [i for i in range(cos.shape[1]) if i not in at_bound]
+    torch.testing.assert_close(z_f.grad[:, keep], z_r.grad[:, keep], rtol=1e-9, atol=1e-9)
+    assert (z_f.grad[:, at_bound] == 0).all()
     if op != "cosine":
         assert z_f.grad[0, 0] == 0 and z_f.grad[0, -1] == 0  # outside the clamp range
 
 
+@pytest.mark.parametrize("op, k", [("linear", None), ("cosine", None), ("sigmoid", 0.05), ("sigmoid", 0.1),
+                                   ("sigmoid", 0.3), ("sigmoid", 1.0)])
+def test_save_output_float32_gradient_precision(op, k):
+    """float32 dg/dc from the inverted output, over every cosine in [-1, 1], against the float64 gradient."""
+    c = torch.linspace(-1.0, 1.0, 20001).reshape(1, -1).to(DEVICE)
+    r = torch.ones(1, 1).to(DEVICE)
+
+    def grad(dtype: torch.dtype, save_output: bool) -> torch.Tensor:
+        z = c.to(dtype).requires_grad_()
+        SphereTail.apply(z, r.to(dtype), k, None, op, save_output).sum().backward()
+        return z.grad.double()
+
+    truth = grad(torch.float64, False)
+    inside = c.double().abs() < 1.0 - ACOS_EPS - 1e-7  # the bound itself may count as outside (see above)
+    err = (grad(torch.float32, True) - truth)[inside].abs().max().item()
+    assert err <= SAVE_OUTPUT_GRAD_RTOL_OF_MAX * truth.abs().max().item()
+    assert torch.isfinite(grad(torch.float32, True)).all()
+
+
+@MODES
 @pytest.mark.parametrize("op", OPS)
-def test_cos_one_patch_and_zero_input_finite(op):
+def test_cos_one_patch_and_zero_input_finite(op, mem):
     """A patch equal to the kernel (cos ~ 1) and an all-zero input: finite outputs and gradients, as the reference."""
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64).to(DEVICE)
     x = w[:1].clone().requires_grad_()  # (1, 2, 3, 3): one patch, identical to filter 0
@@ -172,8 +211,9 @@ def test_cos_one_patch_and_zero_input_finite(op):
     k_raw = torch.full((3,), 0.3, dtype=torch.float64).to(DEVICE).requires_grad_()
     for inp in (x, torch.zeros(2, 2, 5, 5, dtype=torch.float64).to(DEVICE).requires_grad_()):
         outs = []
-        for impl in ("fused", "reference"):
-            out = sphere_conv2d(inp, w, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl)
+        for impl, me in (("fused", mem), ("reference", False)):
+            out = sphere_conv2d(inp, w, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl,
+                                memory_efficient=me)
             grads = torch.autograd.grad(out.sum(), (inp, w))
             assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
             outs.append((out, grads))
@@ -182,9 +222,10 @@ def test_cos_one_patch_and_zero_input_finite(op):
             torch.testing.assert_close(g_f, g_r, rtol=1e-8, atol=1e-8)
 
 
+@MODES
 @pytest.mark.parametrize("op", OPS)
-def test_autocast_bf16_fp32_island(op):
-    layer = SphereConv2d(3, 4, 3, padding=1, operator=op).to(DEVICE)
+def test_autocast_bf16_fp32_island(op, mem):
+    layer = SphereConv2d(3, 4, 3, padding=1, operator=op, memory_efficient=mem).to(DEVICE)
     x = torch.randn(2, 3, 6, 6).to(DEVICE)
     with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
         out = layer(x)
@@ -215,6 +256,49 @@ def test_fused_saves_less_than_reference():
         fused, ref = saved_bytes("fused", op), saved_bytes("reference", op)
         assert fused < 1.5 * full + x.numel() * 4 * 2  # c, r, the input of the two convolutions
         assert fused < ref
+
+
+def test_memory_efficient_shares_the_saved_output_with_batchnorm():
+    """conv -> BatchNorm: saving the output, the pair keeps no full-size tensor beyond a plain conv + BN pair."""
+    x = torch.randn(4, 8, 10, 10).to(DEVICE)
+    full = 4 * 16 * 10 * 10 * 4  # bytes of one (N, C_out, H, W) float32 tensor
+    r_bytes, w_bytes = 4 * 10 * 10 * 4, 16 * 8 * 3 * 3 * 4
+
+    def saved_bytes(conv: nn.Module) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        net = nn.Sequential(conv, nn.BatchNorm2d(16)).to(DEVICE)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x)
+        return sum(storages.values())
+
+    plain = saved_bytes(nn.Conv2d(8, 16, 3, padding=1, bias=False))
+    for op in OPS:
+        default = saved_bytes(SphereConv2d(8, 16, 3, padding=1, operator=op))
+        efficient = saved_bytes(SphereConv2d(8, 16, 3, padding=1, operator=op, memory_efficient=True))
+        assert default >= plain + full  # z on top of what the plain pair keeps
+        # beyond the plain pair: r (N, 1, H, W), the normalized weight w / |w| and a few scalars, no full tensor
+        assert efficient - plain <= r_bytes + w_bytes + 1024 < full
+
+
+def test_memory_efficient_errors_and_inplace():
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="memory_efficient=True needs impl='fused'.*got impl='reference'"):
+        sphere_conv2d(x, w, impl="reference", memory_efficient=True)
+    with pytest.raises(TypeError, match="memory_efficient must be a bool; got int 1"):
+        sphere_linear(torch.randn(2, 3), torch.randn(4, 3), memory_efficient=1)
+    with pytest.raises(TypeError, match="memory_efficient must be a bool; got str 'yes'"):
+        SphereConv2d(2, 3, 3, memory_efficient="yes")
+    assert check_memory_efficient("fused", True) == "fused"
+    layer = SphereConv2d(2, 3, 3, operator="linear", memory_efficient=True).to(DEVICE)
+    assert "memory_efficient=True" in repr(layer)
+    out = layer(torch.randn(2, 2, 5, 5).to(DEVICE).requires_grad_()).relu_()  # modifies the saved output
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_inplace_op_after_layer_and_no_double_backward():
@@ -270,17 +354,20 @@ def test_compiled_kernels_match_eager(backend, monkeypatch):
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
     monkeypatch.setattr(fused, "_COMPILED", {
         name: torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
-        for name, fn in (("forward", fused.tail_forward), ("backward", fused.tail_backward))})
+        for name, fn in (("forward", fused.tail_forward), ("backward", fused.tail_backward),
+                         ("backward_from_output", fused.tail_backward_from_output))})
     ops = ("learnable_sigmoid",) if backend == "inductor" else OPS
-    for op in ops:
+    for op, mem in [(op, mem) for op in ops for mem in (False, True)]:
         for shape in [(2, 6, 5, 5), (3, 6, 4, 7)][:2 if op == "learnable_sigmoid" else 1]:  # dynamic shapes
             x = torch.randn(shape[0], 4, *shape[2:]).to(DEVICE).requires_grad_()
             w = torch.randn(shape[1], 4, 3, 3).to(DEVICE).requires_grad_()
             k_raw = (0.2 + torch.rand(shape[1])).to(DEVICE).requires_grad_()
             b = torch.randn(shape[1]).to(DEVICE).requires_grad_()
             (out_f, g_f), (out_r, g_r) = [_values_and_grads(
-                lambda: sphere_conv2d(x, w, b, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl),
-                [x, w, k_raw, b] if op == "learnable_sigmoid" else [x, w, b]) for impl in ("fused", "reference")]
+                lambda: sphere_conv2d(x, w, b, padding=1, operator=op, sigmoid_k=_k(op, k_raw), impl=impl,
+                                      memory_efficient=me),
+                [x, w, k_raw, b] if op == "learnable_sigmoid" else [x, w, b])
+                for impl, me in (("fused", mem), ("reference", False))]
             torch.testing.assert_close(out_f, out_r, rtol=0, atol=REF_ATOL[torch.float32])
             for a, e in zip(g_f, g_r):
                 torch.testing.assert_close(a, e, rtol=0, atol=REF_ATOL[torch.float32] * max(1.0, e.abs().max().item()))

@@ -44,6 +44,13 @@ def check_sigmoid_k(sigmoid_k: object) -> float | Tensor:
     return check_positive("sigmoid_k", sigmoid_k)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Returns ``value`` if it is a bool, else a TypeError naming ``name`` and the value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
-from .fused import SphereTail, check_impl, patch_rnorm, sigmoid_k_for
+from .fused import SphereTail, check_memory_efficient, patch_rnorm, sigmoid_k_for
 from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -95,7 +95,7 @@ def sphere_cosine(conv: Tensor, input: Tensor, weight: Tensor, stride=1, padding
 
 
 def _sphere_conv_fused(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-                       groups: int, operator: str, sigmoid_k, eps: float) -> Tensor:
+                       groups: int, operator: str, sigmoid_k, eps: float, memory_efficient: bool) -> Tensor:
     """The default path: filter norm folded into the weight, then one :class:`~.fused.SphereTail` node."""
     dtype = tail_dtype(weight.dtype)
     w = weight.to(dtype)
@@ -110,12 +110,13 @@ def _sphere_conv_fused(nd: int, input: Tensor, weight: Tensor, bias: Tensor | No
         grouped = (n, groups, c_out // groups, *out_sp)  # (N, G, C_out/G, *out): r broadcasts over C_out/G
         k = k.reshape(1, *grouped[1:3], *([1] * nd)) if isinstance(k, Tensor) and k.dim() else k
         b = None if bias is None else bias.to(dtype).reshape(1, *grouped[1:3], *([1] * nd))
-        out = SphereTail.apply(z.to(dtype).reshape(grouped), r.unsqueeze(2), k, b, operator).reshape(z.shape)
+        out = SphereTail.apply(z.to(dtype).reshape(grouped), r.unsqueeze(2), k, b, operator,
+                               memory_efficient).reshape(z.shape)
     return out.to(z.dtype)
 
 
 def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-                 groups: int, operator: str, sigmoid_k, eps: float, impl: str = "fused") -> Tensor:
+                 groups: int, operator: str, sigmoid_k, eps: float, impl: str, memory_efficient: bool) -> Tensor:
     _check_conv_args(nd, input, weight, groups)
     check_operator(operator)
     eps = check_positive("eps", eps)
@@ -124,8 +125,9 @@ def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, st
     unbatched = input.dim() == nd + 1
     if unbatched:
         input = input.unsqueeze(0)
-    if check_impl(impl) == "fused":
-        out = _sphere_conv_fused(nd, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps)
+    if check_memory_efficient(impl, memory_efficient) == "fused":
+        out = _sphere_conv_fused(nd, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
+                                 memory_efficient)
         return out.squeeze(0) if unbatched else out
     conv = _CONV[nd](input, weight, None, stride, padding, dilation, groups)  # (N, C_out, *out)
     with torch.autocast(device_type=input.device.type, enabled=False):
@@ -140,7 +142,7 @@ def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, st
 def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, *, operator: str = "cosine",
                   sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K,
-                  eps: float = 1e-4, impl: str = "fused") -> Tensor:
+                  eps: float = 1e-4, impl: str = "fused", memory_efficient: bool = False) -> Tensor:
     """1-D SphereConv: g(theta(w, x_patch)) (+ bias). Arguments as ``F.conv1d`` plus the operator.
 
     Args:
@@ -154,27 +156,31 @@ def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
         impl: ``"fused"`` (default; the filter norm folded into the weight and one analytic-backward autograd node,
             see :mod:`torchsphere.functional.fused`; no double backward) or ``"reference"`` (the plain eager
             composition, the reference the tests compare against; supports double backward).
+        memory_efficient: with ``impl="fused"``, save the output instead of the normalized convolution and invert
+            g in the backward: no extra full-size saved tensor when the next layer (BatchNorm, ...) saves the
+            output anyway, but an in-place op on the output then makes the backward raise (see
+            :mod:`torchsphere.functional.fused`, item 5). Default False.
     """
     return _sphere_conv(1, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
-                        impl)
+                        impl, memory_efficient)
 
 
 def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, *, operator: str = "cosine",
                   sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K,
-                  eps: float = 1e-4, impl: str = "fused") -> Tensor:
+                  eps: float = 1e-4, impl: str = "fused", memory_efficient: bool = False) -> Tensor:
     """2-D SphereConv; see :func:`sphere_conv1d`. input (N, C_in, H, W), weight (C_out, C_in / groups, kh, kw)."""
     return _sphere_conv(2, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
-                        impl)
+                        impl, memory_efficient)
 
 
 def sphere_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, *, operator: str = "cosine",
                   sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K,
-                  eps: float = 1e-4, impl: str = "fused") -> Tensor:
+                  eps: float = 1e-4, impl: str = "fused", memory_efficient: bool = False) -> Tensor:
     """3-D SphereConv; see :func:`sphere_conv1d`.
 
     input (N, C_in, D, H, W), weight (C_out, C_in / groups, kd, kh, kw).
     """
     return _sphere_conv(3, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
-                        impl)
+                        impl, memory_efficient)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .conv import filter_norm, tail_dtype
-from .fused import SphereTail, check_impl, sigmoid_k_for
+from .fused import SphereTail, check_memory_efficient, sigmoid_k_for
 from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 
@@ -20,7 +20,7 @@ def linear_cosine(lin: Tensor, input: Tensor, weight: Tensor, eps: float = 1e-4)
 
 def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, operator: str = "cosine",
                   sigmoid_k: float | Tensor | None = DEFAULT_SIGMOID_K, eps: float = 1e-4,
-                  impl: str = "fused") -> Tensor:
+                  impl: str = "fused", memory_efficient: bool = False) -> Tensor:
     """g(theta(W_j, x)) (+ bias) for every output unit j.
 
     Args:
@@ -32,6 +32,7 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
         eps: added to both squared norms before the square root.
         impl: ``"fused"`` (default: the filter norm folded into the weight, one analytic-backward autograd node; no
             double backward) or ``"reference"`` (the plain eager composition; supports double backward).
+        memory_efficient: save the output instead of the normalized product (as :func:`~.conv.sphere_conv1d`).
 
     Returns:
         (*, out_features) in [-1, 1] before the bias.
@@ -46,7 +47,7 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     eps = check_positive("eps", eps)
     if operator in ("sigmoid", "learnable_sigmoid"):
         check_sigmoid_k(sigmoid_k)
-    if check_impl(impl) == "fused":
+    if check_memory_efficient(impl, memory_efficient) == "fused":
         w = weight.to(tail_dtype(weight.dtype))
         w_hat = (w / filter_norm(w, eps).unsqueeze(1)).to(weight.dtype)  # linear(x, w/|w|) = linear(x, w)/|w|
         z = F.linear(input, w_hat)  # (*, out)
@@ -55,7 +56,7 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
             r = torch.rsqrt(input.to(dtype).square().sum(-1, keepdim=True) + eps)  # (*, 1)
             k = _broadcast_k(sigmoid_k_for(operator, sigmoid_k), z, -1)
             b = None if bias is None else bias.to(dtype)
-            out = SphereTail.apply(z.to(dtype), r, k, b, operator)
+            out = SphereTail.apply(z.to(dtype), r, k, b, operator, memory_efficient)
         return out.to(z.dtype)
     lin = F.linear(input, weight)  # (*, out)
     with torch.autocast(device_type=input.device.type, enabled=False):

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Union
 
 from torch import nn
 
-from ..functional._checks import check_operator, check_positive
+from ..functional._checks import check_bool, check_operator, check_positive
 from ..nn.sphere_conv import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -93,7 +93,7 @@ def _check_model(model: object) -> None:
 
 def convert_to_sphere(model: nn.Module, operator: str = "cosine", *, include: Selector = None,
                       exclude: Selector = None, convert_linear: bool = False, sigmoid_k: float | None = None,
-                      eps: float = 1e-4) -> nn.Module:
+                      eps: float = 1e-4, memory_efficient: bool = False) -> nn.Module:
     """Replaces every ``nn.Conv1d/2d/3d`` (and optionally ``nn.Linear``) of ``model`` by its sphere equivalent.
 
     Each replacement has the same hyperparameters (channels, kernel size, stride, padding, padding_mode,
@@ -112,6 +112,10 @@ def convert_to_sphere(model: nn.Module, operator: str = "cosine", *, include: Se
         convert_linear: also convert ``nn.Linear`` to :class:`~torchsphere.nn.SphereLinear`.
         sigmoid_k: k of ``"sigmoid"`` (default 0.3) / initial effective k of ``"learnable_sigmoid"`` (0.75).
         eps: added to both squared norms inside the square roots (official 1e-4).
+        memory_efficient: the sphere layers save their output for the backward instead of an extra full-size
+            tensor (:class:`~torchsphere.nn.SphereConv2d`). Safe when no in-place op touches a convolution's output
+            directly (conv -> BatchNorm -> ``ReLU(inplace=True)``, as in torchvision's and timm's ResNets, is
+            fine); otherwise the backward raises autograd's in-place error. Default False.
 
     Returns:
         The converted model (the same object unless ``model`` itself was replaced).
@@ -144,7 +148,8 @@ def convert_to_sphere(model: nn.Module, operator: str = "cosine", *, include: Se
     if not isinstance(convert_linear, bool):
         raise TypeError(f"convert_linear must be a bool; got {type(convert_linear).__name__} {convert_linear!r}")
     mapping = {**_CONV_TO_SPHERE, **(_LINEAR_TO_SPHERE if convert_linear else {})}
-    sphere = dict(operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+    sphere = dict(operator=operator, sigmoid_k=sigmoid_k, eps=eps,
+                  memory_efficient=check_bool("memory_efficient", memory_efficient))
 
     def build(old: nn.Module, target: type[nn.Module]) -> nn.Module:
         factory = dict(device=old.weight.device, dtype=old.weight.dtype)

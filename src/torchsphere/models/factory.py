@@ -117,7 +117,9 @@ class LayerConfig:
             return partial(nn.Conv2d, bias=False)
         if self.norm.startswith("spherenorm"):
             return partial(SphereNorm2d, operator=self.operator, sigmoid_k=self.sigmoid_k)
-        return partial(SphereConv2d, operator=self.operator, sigmoid_k=self.sigmoid_k)
+        # the architectures apply no in-place op to a convolution's output, so the layers may save their output
+        # (issue 8: no full-size saved tensor beyond the CNN's when BatchNorm or ReLU follows)
+        return partial(SphereConv2d, operator=self.operator, sigmoid_k=self.sigmoid_k, memory_efficient=True)
 
     def norm_layer(self) -> Callable[[int], nn.Module]:
         """A callable ``(num_features) -> module`` for the normalization after each convolution."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional._checks import check_operator, check_positive
+from ..functional._checks import check_bool, check_operator, check_positive
 from ..functional.conv import sphere_conv1d, sphere_conv2d, sphere_conv3d
 from ..functional.linear import sphere_linear
 from ..functional.operators import DEFAULT_SIGMOID_K, LEARNABLE_K_MIN, LEARNABLE_K_RAW_INIT, learnable_k
@@ -25,9 +25,11 @@ class _SphereMixin:
     operator: str
     eps: float
 
-    def _init_sphere(self, operator: str, sigmoid_k: float | None, eps: float, num_out: int, factory: dict) -> None:
+    def _init_sphere(self, operator: str, sigmoid_k: float | None, eps: float, num_out: int, factory: dict,
+                     memory_efficient: bool = False) -> None:
         self.operator = check_operator(operator)
         self.eps = check_positive("eps", eps)
+        self.memory_efficient = check_bool("memory_efficient", memory_efficient)
         if operator == "learnable_sigmoid":
             # sigmoid_k is the initial *effective* k; the official raw init is 0.7 (effective 0.75).
             k0 = LEARNABLE_K_RAW_INIT + LEARNABLE_K_MIN if sigmoid_k is None else check_positive("sigmoid_k", sigmoid_k)
@@ -52,6 +54,8 @@ class _SphereMixin:
             s += f", sigmoid_k={self.sigmoid_k}"
         if self.eps != 1e-4:
             s += f", eps={self.eps}"
+        if self.memory_efficient:
+            s += ", memory_efficient=True"
         return s
 
 
@@ -65,17 +69,18 @@ class _SphereConvNd(_SphereMixin):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return type(self)._fn(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                              operator=self.operator, sigmoid_k=self.effective_k(), eps=self.eps)
+                              operator=self.operator, sigmoid_k=self.effective_k(), eps=self.eps,
+                              memory_efficient=self.memory_efficient)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._sphere_repr()
 
 
 def _conv_init(self, parent, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-               padding_mode, device, dtype, operator, sigmoid_k, eps) -> None:
+               padding_mode, device, dtype, operator, sigmoid_k, eps, memory_efficient) -> None:
     parent.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                     padding_mode, device, dtype)
-    self._init_sphere(operator, sigmoid_k, eps, out_channels, {"device": device, "dtype": dtype})
+    self._init_sphere(operator, sigmoid_k, eps, out_channels, {"device": device, "dtype": dtype}, memory_efficient)
 
 
 class SphereConv1d(_SphereConvNd, nn.Conv1d):
@@ -89,15 +94,20 @@ class SphereConv1d(_SphereConvNd, nn.Conv1d):
         sigmoid_k: k of ``"sigmoid"`` (default 0.3), or the initial effective k of ``"learnable_sigmoid"``
             (default 0.75, i.e. the official k_raw = 0.7).
         eps: added to both squared norms before the square root (official 1e-4).
+        memory_efficient: save the output instead of the normalized convolution for the backward (default False).
+            When the next layer saves the output anyway (BatchNorm, a non-in-place ReLU), the layer then keeps no
+            full-size tensor beyond a plain convolution's; an in-place op on the output (``ReLU(inplace=True)``
+            right after the layer) makes the backward raise. The models of :mod:`torchsphere.models` set it.
     """
 
     _fn = staticmethod(sphere_conv1d)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4) -> None:
+                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4,
+                 memory_efficient: bool = False) -> None:
         _conv_init(self, nn.Conv1d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                   padding_mode, device, dtype, operator, sigmoid_k, eps)
+                   padding_mode, device, dtype, operator, sigmoid_k, eps, memory_efficient)
 
 
 class SphereConv2d(_SphereConvNd, nn.Conv2d):
@@ -107,9 +117,10 @@ class SphereConv2d(_SphereConvNd, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4) -> None:
+                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4,
+                 memory_efficient: bool = False) -> None:
         _conv_init(self, nn.Conv2d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                   padding_mode, device, dtype, operator, sigmoid_k, eps)
+                   padding_mode, device, dtype, operator, sigmoid_k, eps, memory_efficient)
 
 
 class SphereConv3d(_SphereConvNd, nn.Conv3d):
@@ -119,9 +130,10 @@ class SphereConv3d(_SphereConvNd, nn.Conv3d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4) -> None:
+                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4,
+                 memory_efficient: bool = False) -> None:
         _conv_init(self, nn.Conv3d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                   padding_mode, device, dtype, operator, sigmoid_k, eps)
+                   padding_mode, device, dtype, operator, sigmoid_k, eps, memory_efficient)
 
 
 class SphereLinear(_SphereMixin, nn.Linear):
@@ -130,17 +142,19 @@ class SphereLinear(_SphereMixin, nn.Linear):
     Args:
         in_features, out_features, device, dtype: as ``nn.Linear``.
         bias: default False; added after g.
-        operator, sigmoid_k, eps: as :class:`SphereConv1d`.
+        operator, sigmoid_k, eps, memory_efficient: as :class:`SphereConv1d`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None, *,
-                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4) -> None:
+                 operator: str = "cosine", sigmoid_k: float | None = None, eps: float = 1e-4,
+                 memory_efficient: bool = False) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._init_sphere(operator, sigmoid_k, eps, out_features, {"device": device, "dtype": dtype})
+        self._init_sphere(operator, sigmoid_k, eps, out_features, {"device": device, "dtype": dtype},
+                          memory_efficient)
 
     def forward(self, input: Tensor) -> Tensor:  # (*, in) -> (*, out)
         return sphere_linear(input, self.weight, self.bias, operator=self.operator, sigmoid_k=self.effective_k(),
-                             eps=self.eps)
+                             eps=self.eps, memory_efficient=self.memory_efficient)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._sphere_repr()

@@ -110,6 +110,14 @@ def test_patch_rnorm_matches_ones_convolution(nd):
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_gradcheck_channel_square_sum(groups):
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: fused.ChannelSquareSum.apply(x, groups), (x,))
+    want = x.detach().square().reshape(2, groups, 6 // groups, 3, 4).sum(2)
+    torch.testing.assert_close(fused.ChannelSquareSum.apply(x, groups), want, rtol=0, atol=1e-12)
+
+
 @MODES
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("op", OPS)
@@ -355,7 +363,8 @@ def test_compiled_kernels_match_eager(backend, monkeypatch):
     monkeypatch.setattr(fused, "_COMPILED", {
         name: torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
         for name, fn in (("forward", fused.tail_forward), ("backward", fused.tail_backward),
-                         ("backward_from_output", fused.tail_backward_from_output))})
+                         ("backward_from_output", fused.tail_backward_from_output),
+                         ("square_sum", fused.channel_square_sum))})
     ops = ("learnable_sigmoid",) if backend == "inductor" else OPS
     for op, mem in [(op, mem) for op in ops for mem in (False, True)]:
         for shape in [(2, 6, 5, 5), (3, 6, 4, 7)][:2 if op == "learnable_sigmoid" else 1]:  # dynamic shapes
@@ -379,7 +388,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(fused, "_COMPILED", {"forward": broken, "backward": broken})
+    monkeypatch.setattr(fused, "_COMPILED", {"forward": broken, "backward": broken, "square_sum": broken})
     x, w = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()
     with pytest.warns(RuntimeWarning, match="compiling the fused SphereConv tail failed"):
         out = sphere_conv2d(x, w, operator="linear")

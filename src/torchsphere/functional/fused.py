@@ -117,14 +117,13 @@ def patch_rnorm(input: Tensor, kernel: tuple[int, ...], stride, padding, dilatio
                 eps: float) -> Tensor:
     """1 / sqrt(|x_patch|^2 + eps) per group and output location, shape (N, G, *out).
 
-    The squared input, summed over each group's channels, is summed over every kernel window -- by a sum pool
+    The squared input, summed over each group's channels (:class:`ChannelSquareSum`), is summed over every kernel
+    window -- by a sum pool
     (``avg_pool`` with ``divisor_override=1``; zero padding counted, as the main convolution's) when the padding is
     symmetric and there is no dilation, else by an all-ones convolution -- as ``conv.patch_norm_sq`` computes it.
     """
     nd = len(kernel)
-    n, c_in = input.shape[:2]
-    sq = input.square()
-    sq = sq.sum(1, keepdim=True) if groups == 1 else sq.reshape(n, groups, c_in // groups, *input.shape[2:]).sum(2)
+    sq = ChannelSquareSum.apply(input, groups)  # (N, G, *spatial)
     pad = _box_padding(padding, kernel, dilation)
     if pad is None:
         ones = torch.ones((groups, 1, *kernel), dtype=sq.dtype, device=sq.device)
@@ -295,3 +294,40 @@ class SphereTail(torch.autograd.Function):
         if ctx.bias_shape is not None and ctx.needs_input_grad[3]:
             grad_bias = grad.sum_to_size(ctx.bias_shape)
         return grad_z, grad_r, grad_k, grad_bias, None, None
+
+
+def channel_square_sum(input: Tensor, groups: int) -> Tensor:
+    """sum over each group's channels of input^2: (N, C, *spatial) -> (N, G, *spatial)."""
+    n, c = input.shape[:2]
+    sq = input * input
+    return sq.sum(1, keepdim=True) if groups == 1 else sq.reshape(n, groups, c // groups, *input.shape[2:]).sum(2)
+
+
+class ChannelSquareSum(torch.autograd.Function):
+    """:func:`channel_square_sum` in one pass over the input, and its backward 2 x dL/ds in one more.
+
+    Eager, ``x.square().sum(1)`` writes a full-size square and then reduces it along the strided channel axis, and its
+    backward takes two full-size passes; on tensors of at least ``COMPILE_MIN_NUMEL`` elements the forward is one
+    compiled reduction loop (measured: 2.6 ms instead of 22 ms for a (128, 64, 32, 32) input on one core). Saves
+    the input only, which the convolution beside it saves anyway.
+    """
+
+    @staticmethod
+    def forward(input: Tensor, groups: int) -> Tensor:
+        return _kernel("square_sum", channel_square_sum, input.numel())(input, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, groups = inputs
+        ctx.groups = groups
+        ctx.save_for_backward(input)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (input,) = ctx.saved_tensors
+        if ctx.groups == 1:
+            return input * (2 * grad), None  # (N, C, *sp) * (N, 1, *sp)
+        n, c = input.shape[:2]
+        grouped = input.reshape(n, ctx.groups, c // ctx.groups, *input.shape[2:])
+        return (grouped * (2 * grad).unsqueeze(2)).reshape(input.shape), None

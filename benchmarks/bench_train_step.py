@@ -3,8 +3,10 @@
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). One step = forward, cross-entropy,
 backward, Adam step, batch 128, for the plain 9-layer net (``create_model("cnn9"/"spherenet9")``) at width
 multipliers 0.25, 0.5 and 1.0, i.e. stage widths (32, 48, 64), (64, 96, 128) and the official (128, 192, 256), on
-28x28x1 and 32x32x3 inputs. Every sphere operator runs twice: with the default fused SphereConv path
-(``impl="fused"``) and with the eager reference composition (``impl="reference"``, "before").
+28x28x1 and 32x32x3 inputs. Every sphere operator runs in three variants: as the models build it (the fused path,
+``memory_efficient=True``: the output is saved and written over the convolution's buffer), the fused path saving
+z (``memory_efficient=False``, the layers' default), and the eager reference composition (``impl="reference"``,
+"before issue 8"; only up to ``--reference-max-width``, it is slow).
 
 Time: all models of one (width, input) run interleaved in one process (one step of each in turn, the order
 rotated every round), after a warm-up step; the figure is the median over the measured rounds. Memory: a fresh
@@ -61,7 +63,8 @@ def sphere_impl(impl: str):
 
         def forward(self, input):
             return sphere_linear(input, self.weight, self.bias, operator=self.operator,
-                                 sigmoid_k=self.effective_k(), eps=self.eps, impl=impl)
+                                 sigmoid_k=self.effective_k(), eps=self.eps, impl=impl,
+                                 memory_efficient=self.memory_efficient and impl == "fused")
         SphereLinear.forward = forward
         yield
     finally:
@@ -70,21 +73,26 @@ def sphere_impl(impl: str):
         SphereLinear.forward = linear_forward
 
 
-def variants() -> list[tuple[str, str | None, str]]:
-    """(label, operator or None for the CNN, impl)."""
-    out = [("cnn", None, "fused")]
+def variants(width: float, reference_max_width: float) -> list[tuple[str, str | None, str, bool]]:
+    """(label, operator or None for the CNN, impl, memory_efficient)."""
+    out = [("cnn", None, "fused", True)]
     for op in OPERATORS:
-        out += [(f"{op}/fused", op, "fused"), (f"{op}/reference", op, "reference")]
+        out += [(op, op, "fused", True), (f"{op}/save-z", op, "fused", False)]
+        if width <= reference_max_width:
+            out.append((f"{op}/reference", op, "reference", False))
     return out
 
 
-def build(operator: str | None, width: float, channels: int, size: int):
+def build(operator: str | None, width: float, channels: int, size: int, memory_efficient: bool = True):
     torch.manual_seed(0)
     if operator is None:
         model = create_model("cnn9", width_mult=width, in_channels=channels, input_size=size, num_classes=10)
     else:
         model = create_model("spherenet9", operator=operator, width_mult=width, in_channels=channels,
                              input_size=size, num_classes=10)
+        for layer in model.modules():
+            if isinstance(layer, SphereConv2d):
+                layer.memory_efficient = memory_efficient
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(BATCH, channels, size, size)
     y = torch.randint(0, 10, (BATCH,))
@@ -99,11 +107,11 @@ def train_step(model, opt, x, y, impl: str) -> None:
         opt.step()
 
 
-def time_config(width: float, channels: int, size: int, rounds: int) -> dict[str, float]:
+def time_config(width: float, channels: int, size: int, rounds: int, todo: list) -> dict[str, float]:
     """Median step time (s) of every variant, interleaved in this process."""
     runs = []
-    for label, op, impl in variants():
-        model, opt, x, y = build(op, width, channels, size)
+    for label, op, impl, mem in todo:
+        model, opt, x, y = build(op, width, channels, size, mem)
         train_step(model, opt, x, y, impl)  # warm-up
         runs.append((label, model, opt, x, y, impl))
     times: dict[str, list[float]] = {r[0]: [] for r in runs}
@@ -125,8 +133,8 @@ def _status_kib(field: str) -> int:
 
 def memory_child(label: str, width: float, channels: int, size: int) -> None:
     """Runs in a fresh process: prints the peak RSS (MiB) of one step above the RSS before it."""
-    op, impl = dict((v[0], v[1:]) for v in variants())[label]
-    model, opt, x, y = build(op, width, channels, size)
+    op, impl, mem = dict((v[0], v[1:]) for v in variants(width, width))[label]
+    model, opt, x, y = build(op, width, channels, size, mem)
     train_step(model, opt, x, y, impl)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
@@ -143,27 +151,40 @@ def memory_config(label: str, width: float, channels: int, size: int) -> dict[st
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def profile_step(operator: str | None, width: float, channels: int, size: int, impl: str, rows: int) -> str:
+# what each profiled op belongs to, by name (first match); the compiled graphs are the fused sphere kernels
+CATEGORIES = (("convolution (forward + backward)", ("convolution",)),
+              ("BatchNorm", ("batch_norm",)),
+              ("sphere pointwise kernels (compiled tail and channel square-sum)", ("CompiledFxGraph",)),
+              ("patch-norm window sum (avg-pool / all-ones conv) and rsqrt", ("avg_pool", "rsqrt")),
+              ("max-pool, ReLU", ("max_pool", "threshold", "clamp_min", "relu")),
+              ("other (elementwise, copies, optimizer, autograd)", ("",)))
+
+
+def profile_step(operator: str | None, width: float, channels: int, size: int) -> dict[str, float]:
+    """Self CPU time (ms) of one step of the model-default variant, summed per category."""
     model, opt, x, y = build(operator, width, channels, size)
-    train_step(model, opt, x, y, impl)
+    train_step(model, opt, x, y, "fused")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train_step(model, opt, x, y, impl)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    lines = ["| op | calls | self CPU (ms) | share |", "|---|---:|---:|---:|"]
-    for e in events[:rows]:
-        lines.append(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
-                     f"{100 * e.self_cpu_time_total / total:.1f}% |")
-    return "\n".join(lines)
+        train_step(model, opt, x, y, "fused")
+    totals = {name: 0.0 for name, _ in CATEGORIES}
+    for event in prof.key_averages():
+        name = next(n for n, keys in CATEGORIES if any(k in event.key for k in keys))
+        totals[name] += event.self_cpu_time_total / 1e3
+    return totals
 
 
 def profiles(width: float) -> str:
-    md = []
-    for name, op, impl in [("CNN", None, "fused"), ("linear SphereConv, fused", "linear", "fused"),
-                           ("linear SphereConv, reference", "linear", "reference")]:
-        md += [f"Profile of one step, {name}, widths {WIDTHS[width]}, 32x32x3, top ops by self CPU time:", "",
-               profile_step(op, width, 3, 32, impl, 12), ""]
-    return "\n".join(md)
+    """A table: where one step's time goes, CNN against every operator (model-default variant), 32x32x3."""
+    cols = [("CNN", None)] + [(op, op) for op in OPERATORS]
+    data = {label: profile_step(op, width, 3, 32) for label, op in cols}
+    lines = [f"Where one step goes (self CPU time of a `torch.profiler` profile, ms; widths {WIDTHS[width]}, "
+             "32x32x3, batch 128; sphere models as built by `create_model`):", "",
+             "| category | " + " | ".join(label for label, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name, _ in CATEGORIES:
+        lines.append(f"| {name} | " + " | ".join(f"{data[label][name]:.0f}" for label, _ in cols) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(data[label].values()):.0f}" for label, _ in cols) + " |")
+    return "\n".join(lines)
 
 
 def profile_into_partial_section(width: float) -> None:
@@ -186,6 +207,8 @@ def main() -> None:
                         help="only profile one step at this width and add it to an interrupted run's section")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's); 1 avoids OpenMP barrier stalls on a shared machine")
+    parser.add_argument("--reference-max-width", type=float, default=0.5,
+                        help="run the slow eager reference variant only up to this width multiplier (default 0.5)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/benchmarks.md")
     parser.add_argument("--memory-child", nargs=4, metavar=("LABEL", "WIDTH", "C", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,16 +229,19 @@ def main() -> None:
             f"Batch {BATCH}, forward + cross-entropy + backward + Adam step. Time: median of {rounds} interleaved "
             "steps per model in one process (after one warm-up step). Memory: peak RSS of one step above the RSS "
             "before it (VmHWM after `clear_refs`, a fresh subprocess per configuration, after one warm-up step, "
-            "blocks above 64 KiB mmap-ed so that freed tensors leave the RSS). `fused` is the default SphereConv "
-            "path, `reference` the eager composition (before issue 8). Targets: time <= 1.10x, memory <= 1.3x the "
-            "CNN.", ""]
+            "blocks above 64 KiB mmap-ed so that freed tensors leave the RSS). Variants: the operator's name alone "
+            "= the model as `create_model` builds it (fused path, `memory_efficient=True`: the output is saved and "
+            "written over the convolution's buffer); `save-z` = the fused path saving z (the layers' default, "
+            "`memory_efficient=False`); `reference` = the eager composition (before issue 8; up to width "
+            f"multiplier {args.reference_max_width}). Targets: time <= 1.10x, memory <= 1.3x the CNN.", ""]
     rows = ["| width | input | variant | step (ms) | time / CNN | step peak (MiB) | memory / CNN |",
             "|---|---|---|---:|---:|---:|---:|"]
     for width in widths:
         for input_name, (channels, size) in INPUTS.items():
-            times = time_config(width, channels, size, rounds)
-            mems = {label: memory_config(label, width, channels, size)["step_mib"] for label, _, _ in variants()}
-            for label, _, _ in variants():
+            todo = variants(width, args.reference_max_width)
+            times = time_config(width, channels, size, rounds, todo)
+            mems = {label: memory_config(label, width, channels, size)["step_mib"] for label, *_ in todo}
+            for label, *_ in todo:
                 rows.append(f"| {WIDTHS[width]} | {input_name} | {label} | {1e3 * times[label]:.0f} | "
                             f"{times[label] / times['cnn']:.2f}x | {mems[label]:.0f} | "
                             f"{mems[label] / mems['cnn']:.2f}x |")

@@ -24,6 +24,12 @@ from torchsphere.nn import SphereConv2d, SphereLinear
 
 OPS = ("linear", "cosine", "sigmoid", "learnable_sigmoid")
 MODES = pytest.mark.parametrize("mem", [False, True], ids=["save-z", "save-output"])  # memory_efficient
+TAILS = pytest.mark.parametrize("tail", fused.SAVES)  # SphereTail's save modes
+
+
+def _z(z: torch.Tensor, save: str) -> torch.Tensor:
+    """z for SphereTail: a fresh copy when the tail writes into it (a leaf cannot be modified in place)."""
+    return z.clone() if save == "output-inplace" else z
 CONV = {1: sphere_conv1d, 2: sphere_conv2d, 3: sphere_conv3d}
 # (nd, C_in, C_out, spatial, kernel, stride, padding, dilation, groups)
 CONV_CASES = [
@@ -118,10 +124,10 @@ def test_gradcheck_channel_square_sum(groups):
     torch.testing.assert_close(fused.ChannelSquareSum.apply(x, groups), want, rtol=0, atol=1e-12)
 
 
-@MODES
+@TAILS
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck_sphere_tail(op, seed, mem):
+def test_gradcheck_sphere_tail(op, seed, tail):
     """The autograd.Function itself, every input differentiable (z, r, a per-channel k, a bias)."""
     gen = torch.Generator().manual_seed(seed)
     r = (0.5 + torch.rand(2, 1, 2, 3, generator=gen, dtype=torch.float64)).to(DEVICE)
@@ -131,9 +137,9 @@ def test_gradcheck_sphere_tail(op, seed, mem):
     bias = torch.randn(1, 3, 1, 1, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
     k = (0.1 + torch.rand(1, 3, 1, 1, generator=gen, dtype=torch.float64)).to(DEVICE).requires_grad_()
     if op == "learnable_sigmoid":
-        fn, inputs = (lambda z, r, k, b: SphereTail.apply(z, r, k, b, op, mem)), (z, r, k, bias)
+        fn, inputs = (lambda z, r, k, b: SphereTail.apply(_z(z, tail), r, k, b, op, tail)), (z, r, k, bias)
     else:
-        fn, inputs = (lambda z, r, b: SphereTail.apply(z, r, 0.3, b, op, mem)), (z, r, bias)
+        fn, inputs = (lambda z, r, b: SphereTail.apply(_z(z, tail), r, 0.3, b, op, tail)), (z, r, bias)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -153,17 +159,18 @@ def test_gradcheck_fused_conv2d_and_linear(op, mem):
                                                                       memory_efficient=mem), (v, u, k_raw))
 
 
-@MODES
-def test_sigmoid_k_scalar_tensor_gets_gradient(mem):
+@TAILS
+def test_sigmoid_k_scalar_tensor_gets_gradient(tail):
     z = torch.randn(2, 3, 4, dtype=torch.float64).to(DEVICE).requires_grad_()
     r = torch.full((2, 1, 4), 0.4, dtype=torch.float64).to(DEVICE)
     k = torch.tensor(0.4, dtype=torch.float64).to(DEVICE).requires_grad_()
-    assert torch.autograd.gradcheck(lambda z, k: SphereTail.apply(z, r, k, None, "learnable_sigmoid", mem), (z, k))
+    assert torch.autograd.gradcheck(lambda z, k: SphereTail.apply(_z(z, tail), r, k, None, "learnable_sigmoid", tail),
+                                    (z, k))
 
 
-@MODES
+@TAILS
 @pytest.mark.parametrize("op", OPS)
-def test_clamp_semantics_at_cos_pm1(op, mem):
+def test_clamp_semantics_at_cos_pm1(op, tail):
     """cos = +-1 and beyond: the same finite values and (zero outside the clamp) gradients as safe_acos.
 
     Saving the output, a cosine exactly at the clamp bound +-(1 - ACOS_EPS) cannot be told from one beyond it (g is
@@ -175,14 +182,14 @@ def test_clamp_semantics_at_cos_pm1(op, mem):
     k_raw = torch.tensor([0.4], dtype=torch.float64).to(DEVICE).requires_grad_()
     z_f = (cos / r).requires_grad_()
     z_r = z_f.detach().clone().requires_grad_()
-    out_f = SphereTail.apply(z_f, r, _k(op, k_raw).reshape(1, 1) if op == "learnable_sigmoid" else 0.3, None, op,
-                             mem)
+    out_f = SphereTail.apply(_z(z_f, tail), r, _k(op, k_raw).reshape(1, 1) if op == "learnable_sigmoid" else 0.3,
+                             None, op, tail)
     out_r = angular_activation(z_r * r, op, _k(op, k_raw), dim=0)
     torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-12)
     out_f.sum().backward()
     out_r.sum().backward()
     assert torch.isfinite(z_f.grad).all()
-    at_bound = [2, 6] if mem and op != "cosine" else []
+    at_bound = [2, 6] if tail != "z" and op != "cosine" else []
     keep = [i for i in range(cos.shape[1]) if i not in at_bound]
     torch.testing.assert_close(z_f.grad[:, keep], z_r.grad[:, keep], rtol=1e-9, atol=1e-9)
     assert (z_f.grad[:, at_bound] == 0).all()
@@ -199,7 +206,7 @@ def test_save_output_float32_gradient_precision(op, k):
 
     def grad(dtype: torch.dtype, save_output: bool) -> torch.Tensor:
         z = c.to(dtype).requires_grad_()
-        SphereTail.apply(z, r.to(dtype), k, None, op, save_output).sum().backward()
+        SphereTail.apply(z, r.to(dtype), k, None, op, "output" if save_output else "z").sum().backward()
         return z.grad.double()
 
     truth = grad(torch.float64, False)
@@ -333,9 +340,9 @@ def test_torch_func_grad_matches_reference():
 
 def test_compile_fullgraph_and_export(monkeypatch):
     """Inside an outer trace the eager kernels are traced (with COMPILE_MIN_NUMEL=0: no nested compile either)."""
-    net = nn.Sequential(SphereConv2d(3, 4, 3, padding=1, operator="learnable_sigmoid"), nn.BatchNorm2d(4),
-                        nn.ReLU(), SphereConv2d(4, 4, 3, operator="linear", bias=True), nn.Flatten(),
-                        SphereLinear(16, 5, operator="sigmoid")).to(DEVICE)
+    net = nn.Sequential(SphereConv2d(3, 4, 3, padding=1, operator="learnable_sigmoid", memory_efficient=True),
+                        nn.BatchNorm2d(4), nn.ReLU(), SphereConv2d(4, 4, 3, operator="linear", bias=True),
+                        nn.Flatten(), SphereLinear(16, 5, operator="sigmoid", memory_efficient=True)).to(DEVICE)
     x = torch.randn(2, 3, 4, 4).to(DEVICE)
     out = net(x)
     grads = torch.autograd.grad(out.sum(), list(net.parameters()))
@@ -362,7 +369,8 @@ def test_compiled_kernels_match_eager(backend, monkeypatch):
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
     monkeypatch.setattr(fused, "_COMPILED", {
         name: torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
-        for name, fn in (("forward", fused.tail_forward), ("backward", fused.tail_backward),
+        for name, fn in (("forward", fused.tail_forward), ("forward_inplace", fused.tail_forward_inplace),
+                         ("backward", fused.tail_backward),
                          ("backward_from_output", fused.tail_backward_from_output),
                          ("square_sum", fused.channel_square_sum))})
     ops = ("learnable_sigmoid",) if backend == "inductor" else OPS
@@ -388,7 +396,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(fused, "_COMPILED", {"forward": broken, "backward": broken, "square_sum": broken})
+    monkeypatch.setattr(fused, "_COMPILED", {"forward": broken, "forward_inplace": broken, "backward": broken,
+                                             "backward_from_output": broken, "square_sum": broken})
     x, w = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()
     with pytest.warns(RuntimeWarning, match="compiling the fused SphereConv tail failed"):
         out = sphere_conv2d(x, w, operator="linear")

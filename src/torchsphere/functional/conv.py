@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
-from .fused import SphereTail, check_memory_efficient, patch_rnorm, sigmoid_k_for
+from .fused import SphereTail, check_memory_efficient, patch_rnorm, sigmoid_k_for, tail_save
 from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -107,11 +107,14 @@ def _sphere_conv_fused(nd: int, input: Tensor, weight: Tensor, bias: Tensor | No
                         eps)  # (N, G, *out)
         k = _broadcast_k(sigmoid_k_for(operator, sigmoid_k), z, 1)
         n, c_out, *out_sp = z.shape
-        grouped = (n, groups, c_out // groups, *out_sp)  # (N, G, C_out/G, *out): r broadcasts over C_out/G
-        k = k.reshape(1, *grouped[1:3], *([1] * nd)) if isinstance(k, Tensor) and k.dim() else k
-        b = None if bias is None else bias.to(dtype).reshape(1, *grouped[1:3], *([1] * nd))
-        out = SphereTail.apply(z.to(dtype).reshape(grouped), r.unsqueeze(2), k, b, operator,
-                               memory_efficient).reshape(z.shape)
+        # (N, G, C_out/G, *out): r broadcasts over C_out/G; with one group z keeps its shape (no view)
+        grouped = (n, groups, c_out // groups, *out_sp) if groups > 1 else (n, c_out, *out_sp)
+        r = r.unsqueeze(2) if groups > 1 else r
+        channel = (1, *grouped[1:-nd], *([1] * nd))
+        k = k.reshape(channel) if isinstance(k, Tensor) and k.numel() > 1 else k
+        b = None if bias is None else bias.to(dtype).reshape(channel)
+        zt = z.to(dtype).reshape(grouped)
+        out = SphereTail.apply(zt, r, k, b, operator, tail_save(memory_efficient, zt)).reshape(z.shape)
     return out.to(z.dtype)
 
 

@@ -31,7 +31,7 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    compiler is never required for correctness. Inside an outer ``torch.compile``/``torch.export`` trace the eager
    functions are traced (the outer compiler fuses them).
 
-5. ``memory_efficient=True`` (``SphereTail.apply(..., save_output=True)``) saves the *output* instead of z: the
+5. ``memory_efficient=True`` (``SphereTail.apply(..., save="output")``) saves the *output* instead of z: the
    backward inverts g to recover theta (cosine: c = g; linear: theta = (pi/2)(1 - g); sigmoid: t = g T,
    u = atanh(t), theta = pi/2 - 2ku) and uses dL/dr = sum(dL/dc * c) / r. When a BatchNorm (or any layer that
    saves its input) follows, it saves the same tensor, so the layer adds no full-size saved tensor over a plain
@@ -43,7 +43,9 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    dg/dc (save-output vs save-z) is: linear 3.0e-3 vs 1.5e-3 (|dg/dc| up to 201), sigmoid k = 0.3 1.6e-3 vs
    8.7e-5 (up to 11.3), k = 0.1 9.8e-4 vs 4.1e-5 (up to 5.0), k = 0.05 1.4e-5 vs 9.0e-6 (up to 10.0) -- at most
    2e-4 of the largest gradient; float64 agrees to 1e-11. The models of :mod:`torchsphere.models` use this mode:
-   they apply no in-place op to a convolution's output.
+   they apply no in-place op to a convolution's output. In this mode the convolution output z is needed by nobody
+   else, so the functional ops hand it over (``save="output-inplace"``) and the forward writes g into z's buffer
+   instead of allocating a new full-size tensor (not for grouped convolutions, whose z is reshaped into a view).
 
 Double backward is not supported (the backward is ``once_differentiable``); the reference path
 (``impl="reference"``) supports it. Under autocast the tail runs in float32 (an fp32 island) as the reference does;
@@ -64,6 +66,7 @@ from ._checks import check_bool, check_choice, check_sigmoid_k
 from .operators import ACOS_EPS, DEFAULT_SIGMOID_K
 
 IMPLS: tuple[str, ...] = ("fused", "reference")
+SAVES: tuple[str, ...] = ("z", "output", "output-inplace")  # what SphereTail keeps for its backward
 _TWO_OVER_PI = 2.0 / math.pi
 _HI = 1.0 - ACOS_EPS  # the acos clamp is [-_HI, _HI]
 _THETA_LO = math.acos(_HI)  # theta of the clamped cosine lies in [_THETA_LO, pi - _THETA_LO]
@@ -74,6 +77,17 @@ COMPILE_MIN_NUMEL = 1 << 20  # tails with at least this many elements use the co
 def check_impl(impl: object) -> str:
     """Returns ``impl`` if it names a SphereConv implementation (``"fused"`` or ``"reference"``), else raises."""
     return check_choice("impl", impl, IMPLS)
+
+
+def tail_save(memory_efficient: bool, z: Tensor) -> str:
+    """The ``save`` mode of :class:`SphereTail` for a fresh z: in place when saving the output and z is no view.
+
+    Never in place inside a ``torch.compile``/``torch.export`` trace: Dynamo does not trace a dirty input returned
+    through a copy, and the outer compiler plans the buffers itself.
+    """
+    if not memory_efficient:
+        return "z"
+    return "output" if z._base is not None or torch.compiler.is_compiling() else "output-inplace"
 
 
 def check_memory_efficient(impl: object, memory_efficient: object) -> str:
@@ -154,6 +168,12 @@ def tail_forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | 
         _, t, big_t, _ = _sigmoid_parts(c, k)
         out = t / big_t
     return out if bias is None else out + bias
+
+
+def tail_forward_inplace(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None,
+                         operator: str) -> Tensor:
+    """:func:`tail_forward` written into z's buffer (compiled, one loop without a new full-size allocation)."""
+    return z.copy_(tail_forward(z, r, k, bias, operator))
 
 
 def tail_backward(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, operator: str,
@@ -251,9 +271,10 @@ class SphereTail(torch.autograd.Function):
             a gradient).
         bias: None or a tensor broadcastable to ``z``, added after g.
         operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
-        save_output: False: save z (an in-place op on the output stays legal); True: save the output and invert g
+        save: ``"z"``: save z (an in-place op on the output stays legal); ``"output"``: save the output and invert g
             in the backward (no full-size tensor of its own when the next layer saves the output anyway; see the
-            module docstring, item 5).
+            module docstring, item 5); ``"output-inplace"``: as ``"output"``, and write the output into z's buffer
+            (z must be a fresh tensor that nothing else uses, not a view; it is returned, marked dirty).
 
     Returns:
         g(z * r) (+ bias), shape of ``z``. Saves z or the output, r, k (and the bias when saving the output).
@@ -261,18 +282,22 @@ class SphereTail(torch.autograd.Function):
 
     @staticmethod
     def forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str,
-                save_output: bool) -> Tensor:
+                save: str) -> Tensor:
+        if save == "output-inplace":
+            return _kernel("forward_inplace", tail_forward_inplace, z.numel())(z, r, k, bias, operator)
         return _kernel("forward", tail_forward, z.numel())(z, r, k, bias, operator)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        z, r, k, bias, operator, save_output = inputs
+        z, r, k, bias, operator, save = inputs
         ctx.operator = operator
-        ctx.save_output = save_output
+        ctx.save_output = save != "z"
+        if save == "output-inplace":
+            ctx.mark_dirty(z)
         ctx.k_float = None if isinstance(k, Tensor) else k  # a number stays a number: no host-to-device copy
         ctx.bias_shape = None if bias is None else bias.shape
         k_t = k if isinstance(k, Tensor) else None
-        if save_output:
+        if ctx.save_output:
             ctx.save_for_backward(output, r, k_t, bias)
         else:
             ctx.save_for_backward(z, r, k_t)  # inputs only: the output is not kept

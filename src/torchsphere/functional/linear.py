@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .conv import filter_norm, tail_dtype
-from .fused import SphereTail, check_memory_efficient, sigmoid_k_for
+from .fused import SphereTail, check_memory_efficient, sigmoid_k_for, tail_save
 from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 
@@ -56,7 +56,8 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
             r = torch.rsqrt(input.to(dtype).square().sum(-1, keepdim=True) + eps)  # (*, 1)
             k = _broadcast_k(sigmoid_k_for(operator, sigmoid_k), z, -1)
             b = None if bias is None else bias.to(dtype)
-            out = SphereTail.apply(z.to(dtype), r, k, b, operator, memory_efficient)
+            zt = z.to(dtype)
+            out = SphereTail.apply(zt, r, k, b, operator, tail_save(memory_efficient, zt))
         return out.to(z.dtype)
     lin = F.linear(input, weight)  # (*, out)
     with torch.autocast(device_type=input.device.type, enabled=False):

@@ -309,6 +309,8 @@ def test_memory_efficient_errors_and_inplace():
     with pytest.raises(TypeError, match="memory_efficient must be a bool; got str 'yes'"):
         SphereConv2d(2, 3, 3, memory_efficient="yes")
     assert check_memory_efficient("fused", True) == "fused"
+    with pytest.raises(ValueError, match=r"unknown save 'input'; choose from \['z', 'output', 'output-inplace'\]"):
+        SphereTail.apply(torch.randn(2, 3), torch.ones(2, 1), None, None, "cosine", "input")
     layer = SphereConv2d(2, 3, 3, operator="linear", memory_efficient=True).to(DEVICE)
     assert "memory_efficient=True" in repr(layer)
     out = layer(torch.randn(2, 2, 5, 5).to(DEVICE).requires_grad_()).relu_()  # modifies the saved output

@@ -132,9 +132,9 @@ def patch_rnorm(input: Tensor, kernel: tuple[int, ...], stride, padding, dilatio
     """1 / sqrt(|x_patch|^2 + eps) per group and output location, shape (N, G, *out).
 
     The squared input, summed over each group's channels (:class:`ChannelSquareSum`), is summed over every kernel
-    window -- by a sum pool
-    (``avg_pool`` with ``divisor_override=1``; zero padding counted, as the main convolution's) when the padding is
-    symmetric and there is no dilation, else by an all-ones convolution -- as ``conv.patch_norm_sq`` computes it.
+    window -- by a sum pool (``avg_pool`` with ``divisor_override=1``; zero padding counted, as the main
+    convolution's) when the padding is symmetric and there is no dilation, else by an all-ones convolution -- as
+    ``conv.patch_norm_sq`` computes it.
     """
     nd = len(kernel)
     sq = ChannelSquareSum.apply(input, groups)  # (N, G, *spatial)
@@ -261,7 +261,7 @@ def _kernel(name: str, fn: Callable, numel: int) -> Callable:
 class SphereTail(torch.autograd.Function):
     """g(z * r) (+ bias) with an analytic backward.
 
-    ``SphereTail.apply(z, r, k, bias, operator, save_output)``:
+    ``SphereTail.apply(z, r, k, bias, operator, save)``:
 
     Args:
         z: the convolution with the filter-normalized weight, any shape (e.g. (N, C_out, *out), or
@@ -283,7 +283,7 @@ class SphereTail(torch.autograd.Function):
     @staticmethod
     def forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str,
                 save: str) -> Tensor:
-        if save == "output-inplace":
+        if check_choice("save", save, SAVES) == "output-inplace":
             return _kernel("forward_inplace", tail_forward_inplace, z.numel())(z, r, k, bias, operator)
         return _kernel("forward", tail_forward, z.numel())(z, r, k, bias, operator)
 

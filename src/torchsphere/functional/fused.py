@@ -11,20 +11,21 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    instead of the all-ones convolution where the padding allows it (cheaper, above all in the backward).
 3. :class:`SphereTail` (a ``torch.autograd.Function``) takes the normalized convolution ``z`` and ``r`` and returns
    g(c) (+ bias) with c = z * r. It saves z, r and k only (not its output, so an in-place op after the layer stays
-   legal) and recomputes c, acos and tanh in the backward, whose derivative is analytic:
+   legal) and recomputes c and the angle in the backward, whose derivative is analytic:
 
    - cosine: dg/dc = 1;
    - linear: dg/dc = (2/pi) / sqrt(1 - c^2) inside the acos clamp [-1 + ACOS_EPS, 1 - ACOS_EPS], 0 outside
      (the clamp semantics of ``safe_acos``: ``clamp`` passes the gradient on the closed interval);
-   - sigmoid: with theta = acos(c), u = (pi/2 - theta) / (2k), t = tanh(u), T = tanh(pi / (4k)), g = t / T:
+   - sigmoid: with theta = acos(c), u = (pi/2 - theta) / (2k) = asin(c) / (2k), t = tanh(u), T = tanh(pi / (4k)),
+     g = t / T (t computed as 1 - 2 / (exp(2u) + 1), one exp instead of the slower tanh):
      dg/dc = (1 - t^2) / (2 k T sqrt(1 - c^2)) (0 outside the clamp), and for a learned k
      dg/dk = g (1 - T^2) pi / (4 k^2 T) - (1 - t^2) u / (k T);
 
    then the chain rule: dL/dz = dL/dc * r, dL/dr = sum over the channels of dL/dc * z, dL/dk summed to k's shape;
-   the patch norm's gradient reaches the input through autograd (the all-ones convolution's transpose), the
-   filter norm's through the folded weight.
+   the patch norm's gradient reaches the input through autograd (the sum pool's or all-ones convolution's
+   transpose, then :class:`ChannelSquareSum`'s one-pass backward), the filter norm's through the folded weight.
 4. Runs the forward and the backward pointwise math as one kernel each: on tensors of at least
-   ``COMPILE_MIN_NUMEL`` elements the two small functions below go through ``torch.compile(dynamic=True)``
+   ``COMPILE_MIN_NUMEL`` elements the small functions below go through ``torch.compile(dynamic=True)``
    (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
@@ -149,12 +150,21 @@ def patch_rnorm(input: Tensor, kernel: tuple[int, ...], stride, padding, dilatio
     return torch.rsqrt(total + eps)
 
 
-def _sigmoid_parts(c: Tensor, k: float | Tensor) -> tuple[Tensor, Tensor, float | Tensor, Tensor]:
-    """u = (pi/2 - acos(clamp(c))) / (2k), t = tanh(u), T = tanh(pi / (4k)) and 1 / sqrt(1 - clamp(c)^2)."""
-    cc = c.clamp(-_HI, _HI)
-    u = (math.pi / 2 - torch.acos(cc)) / (2 * k)
-    big_t = torch.tanh(math.pi / (4 * k)) if isinstance(k, Tensor) else math.tanh(math.pi / (4 * k))
-    return u, torch.tanh(u), big_t, torch.rsqrt(1.0 - cc * cc)
+def _tanh(x: float | Tensor) -> float | Tensor:
+    return torch.tanh(x) if isinstance(x, Tensor) else math.tanh(x)
+
+
+def _tanh_via_exp(u: Tensor) -> Tensor:
+    """tanh(u) = 1 - 2 / (exp(2u) + 1): one exp, about twice as fast as tanh in the compiled CPU kernels (4.2M
+    float32 elements, sigmoid forward: 8.3 ms instead of 15.5), absolute error ~1 ulp of 1 (the outputs lie in
+    [-1, 1]); exp(2u) = inf gives exactly 1."""
+    return 1.0 - 2.0 / (torch.exp(2.0 * u) + 1.0)
+
+
+def _sigmoid_parts(cc: Tensor, k: float | Tensor) -> tuple[Tensor, Tensor, float | Tensor]:
+    """For a clamped cosine cc: u = (pi/2 - acos(cc)) / (2k) = asin(cc) / (2k), t = tanh(u), T = tanh(pi / (4k))."""
+    u = torch.asin(cc) / (2 * k)
+    return u, _tanh_via_exp(u), _tanh(math.pi / (4 * k))
 
 
 def tail_forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str) -> Tensor:
@@ -165,7 +175,7 @@ def tail_forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | 
     elif operator == "linear":
         out = 1.0 - _TWO_OVER_PI * torch.acos(c.clamp(-_HI, _HI))
     else:
-        _, t, big_t, _ = _sigmoid_parts(c, k)
+        _, t, big_t = _sigmoid_parts(c.clamp(-_HI, _HI), k)
         out = t / big_t
     return out if bias is None else out + bias
 
@@ -189,17 +199,14 @@ def tail_backward(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, 
             cc = c.clamp(-_HI, _HI)
             gc = torch.where(outside, 0.0, grad * (_TWO_OVER_PI * torch.rsqrt(1.0 - cc * cc)))
         else:
-            u, t, big_t, inv_sin = _sigmoid_parts(c, k)
+            cc = c.clamp(-_HI, _HI)
+            u, t, big_t = _sigmoid_parts(cc, k)
             sech2 = 1.0 - t * t
-            gc = torch.where(outside, 0.0, grad * sech2 * inv_sin / (2 * k * big_t))
+            gc = torch.where(outside, 0.0, grad * sech2 * torch.rsqrt(1.0 - cc * cc) / (2 * k * big_t))
             if need_k:  # dg/dk = g (1 - T^2) pi / (4 k^2 T) - (1 - t^2) u / (k T), with g = t / T
                 dk = t * ((1.0 - big_t * big_t) * math.pi / (4 * k * k * big_t * big_t)) - sech2 * u / (k * big_t)
                 grad_k = (grad * dk).sum_to_size(k.shape)
     return gc * r, (gc * z).sum_to_size(r.shape), grad_k
-
-
-def _tanh(x: float | Tensor) -> float | Tensor:
-    return torch.tanh(x) if isinstance(x, Tensor) else math.tanh(x)
 
 
 def tail_backward_from_output(grad: Tensor, out: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None,

@@ -24,6 +24,7 @@ class _SphereMixin:
 
     operator: str
     eps: float
+    memory_efficient: bool = False  # class default: modules pickled before the attribute existed still run
 
     def _init_sphere(self, operator: str, sigmoid_k: float | None, eps: float, num_out: int, factory: dict,
                      memory_efficient: bool = False) -> None:

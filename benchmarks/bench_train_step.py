@@ -15,7 +15,8 @@ subprocess per configuration builds the model, runs one warm-up step, resets the
 peak minus the RSS just before the measured step (model, data and optimizer state excluded), i.e. the memory the
 step itself needs. glibc is told to mmap every block above 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so freed tensors
 leave the RSS and the peak is the peak of live tensors rather than of the allocator's cache. Then a
-``torch.profiler`` profile of one step lists the top ops by self CPU time.
+``torch.profiler`` profile of one step per model (CNN and each operator, largest width, 32x32x3) sums the self CPU
+time per category of op (convolution, BatchNorm, the compiled sphere kernels, ...): what the remaining cost is.
 
 Usage:
     python benchmarks/bench_train_step.py            # full benchmark, writes docs/benchmarks.md

@@ -15,7 +15,7 @@ from torch import nn
 
 from torchsphere.models import (CONV_CHOICES, NORMS, LayerConfig, PlainNet, ResNet, create_model,
                                 list_models)
-from torchsphere.nn import AngularHead, SphereConv2d, SphereNorm2d
+from torchsphere.nn import AngularHead, OfficialBatchNorm2d, SphereConv2d, SphereNorm2d
 
 NUM_CLASSES = 10
 
@@ -103,7 +103,10 @@ def test_official_spherenet9_layers():
     assert [m.out_channels for m in convs] == [128] * 3 + [192] * 3 + [256] * 3 + [256]
     assert all(m.bias is None for m in convs) and type(model.fc) is nn.Linear and model.fc.bias is None
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 9 and all(m.eps == 1e-3 and m.momentum == 1e-3 for m in bns)
+    assert len(bns) == 9 and all(type(m) is nn.BatchNorm2d and m.eps == 1e-3 and m.momentum == 0.1 for m in bns)
+    official = [m for m in create_model("spherenet9", bn_stats="official").modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(official) == 9 and all(type(m) is OfficialBatchNorm2d and m.eps == 1e-3 and m.momentum == 1e-3
+                                      for m in official)
     assert all(type(m) is nn.Conv2d for m in create_model("cnn9").modules() if isinstance(m, nn.Conv2d))
 
 

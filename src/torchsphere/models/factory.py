@@ -7,8 +7,14 @@ SphereNet and its CNN baseline differ by one string (STYLE practices 3-5).
 - operator: ``"conv"`` (a plain bias-free ``nn.Conv2d``, the CNN baseline) or a SphereConv operator ``"linear"``,
   ``"cosine"``, ``"sigmoid"``, ``"learnable_sigmoid"`` (Liu et al., *Deep Hyperspherical Learning*, NIPS 2017,
   arXiv 1711.03189).
-- norm: ``"bn"`` (BatchNorm, official eps 1e-3 and momentum 0.001, i.e. TF decay 0.999), ``"spherenorm"`` (the
-  convolutions become :class:`torchsphere.nn.SphereNorm2d`, no BatchNorm), ``"spherenorm+bn"`` (both) or ``"none"``.
+- norm: ``"bn"`` (BatchNorm, official eps 1e-3), ``"spherenorm"`` (the convolutions become
+  :class:`torchsphere.nn.SphereNorm2d`, no BatchNorm), ``"spherenorm+bn"`` (both) or ``"none"``.
+- bn_stats: how BatchNorm keeps its test-time statistics. ``"torch"`` (``nn.BatchNorm2d``: running_mean 0,
+  running_var 1, EMA of the unbiased batch variance; default momentum 0.1, PyTorch's) or ``"official"``
+  (:class:`torchsphere.nn.OfficialBatchNorm2d`: the official code's zero-started EMA shadows of the biased batch
+  moments, default decay 0.999, i.e. momentum 0.001). The official momentum 0.001 with PyTorch's statistics leaves
+  the running variance far too large for thousands of steps (a SphereConv output has a variance far below the
+  initial 1), so neither official value is the default.
 - head: ``"softmax"`` (a plain bias-free ``nn.Linear``, the official score layer), ``"wsoftmax"`` (weight-normalized
   softmax: :class:`torchsphere.nn.AngularHead` with margin 1) or ``"gasoftmax"`` (generalized angular softmax: an
   AngularHead with a margin > 1, which must be given).
@@ -26,6 +32,7 @@ from torch import nn
 
 from ..functional._checks import OPERATORS, check_choice, check_operator
 from ..nn.heads import AngularHead
+from ..nn.official_bn import OfficialBatchNorm2d
 from ..nn.sphere_conv import SphereConv2d
 from ..nn.sphere_norm import SphereNorm2d
 
@@ -34,6 +41,10 @@ NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "none")
 HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
 OFFICIAL_BN_EPS = 1e-3  # wy1iu/SphereNet custom BN
 OFFICIAL_BN_MOMENTUM = 1e-3  # PyTorch momentum of the official EMA decay 0.999
+DEFAULT_BN_MOMENTUM = 0.1  # PyTorch's default: statistics of the last few dozen batches
+BN_STATS: tuple[str, ...] = ("torch", "official")
+# bn_momentum=None resolves to the default of the statistics mode
+BN_MOMENTUM_DEFAULTS: dict[str, float] = {"torch": DEFAULT_BN_MOMENTUM, "official": OFFICIAL_BN_MOMENTUM}
 
 # arguments of the architecture classes that are layer types: filled from a LayerConfig (or left at the class
 # default, such as ResNet's plain shortcut), never registry overrides and never part of ``default_cfg``
@@ -58,7 +69,9 @@ class LayerConfig:
         sigmoid_k: k of ``"sigmoid"`` / initial k of ``"learnable_sigmoid"`` (None: the layer default, 0.3 / 0.75).
         norm: ``"bn"``, ``"spherenorm"``, ``"spherenorm+bn"`` or ``"none"``.
         bn_eps: BatchNorm eps (official 1e-3).
-        bn_momentum: BatchNorm momentum in PyTorch's convention (official 0.001 = TF decay 0.999).
+        bn_stats: ``"torch"`` (``nn.BatchNorm2d``) or ``"official"`` (:class:`~torchsphere.nn.OfficialBatchNorm2d`).
+        bn_momentum: BatchNorm momentum in PyTorch's convention (1 - decay); None: 0.1 for ``"torch"``, the official
+            0.001 (decay 0.999) for ``"official"``.
         head: ``"softmax"``, ``"wsoftmax"`` or ``"gasoftmax"``.
         head_operator: operator of an angular head (None: ``"cosine"``); not allowed with ``"softmax"``.
         margin: angular margin m of ``"gasoftmax"`` (required, > 1); None or 1 for ``"wsoftmax"``.
@@ -69,7 +82,8 @@ class LayerConfig:
     sigmoid_k: float | None = None
     norm: str = "bn"
     bn_eps: float = OFFICIAL_BN_EPS
-    bn_momentum: float = OFFICIAL_BN_MOMENTUM
+    bn_stats: str = "torch"
+    bn_momentum: float | None = None
     head: str = "softmax"
     head_operator: str | None = None
     margin: float | None = None
@@ -87,8 +101,9 @@ class LayerConfig:
             raise ValueError(f"norm={self.norm!r} turns the convolutions into SphereNorm2d and needs a sphere "
                              f"operator {list(OPERATORS)}; got operator='conv'")
         _optional_positive("bn_eps", self.bn_eps)
+        check_choice("bn_stats", self.bn_stats, BN_STATS)
         _optional_positive("bn_momentum", self.bn_momentum)
-        if self.bn_momentum is None or self.bn_momentum > 1:
+        if self.bn_momentum is not None and self.bn_momentum > 1:
             raise ValueError(f"bn_momentum must be in (0, 1]; got {self.bn_momentum!r}")
         if self.bn_eps is None:
             raise ValueError("bn_eps must be a number > 0; got None")
@@ -124,8 +139,14 @@ class LayerConfig:
     def norm_layer(self) -> Callable[[int], nn.Module]:
         """A callable ``(num_features) -> module`` for the normalization after each convolution."""
         if self.norm in ("bn", "spherenorm+bn"):
-            return partial(nn.BatchNorm2d, eps=self.bn_eps, momentum=self.bn_momentum)
+            bn = OfficialBatchNorm2d if self.bn_stats == "official" else nn.BatchNorm2d
+            return partial(bn, eps=self.bn_eps, momentum=self.resolved_bn_momentum)
         return nn.Identity  # accepts and ignores num_features
+
+    @property
+    def resolved_bn_momentum(self) -> float:
+        """``bn_momentum``, or the default of the ``bn_stats`` mode when it is None."""
+        return BN_MOMENTUM_DEFAULTS[self.bn_stats] if self.bn_momentum is None else float(self.bn_momentum)
 
     def head_layer(self) -> Callable[[int, int], nn.Module]:
         """A callable ``(in_features, num_classes) -> module`` for the classifier."""

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .factory import (OFFICIAL_BN_EPS, OFFICIAL_BN_MOMENTUM, ClassifierNet, build_model, check_count,
+from .factory import (DEFAULT_BN_MOMENTUM, OFFICIAL_BN_EPS, ClassifierNet, build_model, check_count,
                       he_normal_init, per_stage, scale_widths)
 from .registry import register_model
 
@@ -65,7 +65,7 @@ class PlainNet(ClassifierNet):
                  width_mult: float = 1.0, feature_dim: int = 256, fc_norm: bool = False,
                  conv_layer: Callable[..., nn.Module] = partial(nn.Conv2d, bias=False),
                  norm_layer: Callable[[int], nn.Module] = partial(nn.BatchNorm2d, eps=OFFICIAL_BN_EPS,
-                                                                  momentum=OFFICIAL_BN_MOMENTUM),
+                                                                  momentum=DEFAULT_BN_MOMENTUM),
                  head_layer: Callable[[int, int], nn.Module] = partial(nn.Linear, bias=False)) -> None:
         super().__init__(head_layer)
         widths = scale_widths(widths, width_mult)
@@ -107,7 +107,8 @@ def _plain(name: str, arch: dict, overrides: dict) -> PlainNet:
 
 @register_model
 def spherenet9(**kwargs) -> PlainNet:
-    """Official SphereNet-9 (cosine SphereConv, BN eps 1e-3 / momentum 0.001, softmax head, fc6 without BN)."""
+    """Official SphereNet-9 (cosine SphereConv, BN eps 1e-3, softmax head, fc6 without BN); ``bn_stats="official"``
+    gives the official BN statistics (zero-started EMA, decay 0.999)."""
     return _plain("spherenet9", dict(operator="cosine", layers_per_stage=3), kwargs)
 
 

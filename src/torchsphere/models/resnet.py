@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .factory import (OFFICIAL_BN_EPS, OFFICIAL_BN_MOMENTUM, ClassifierNet, build_model, check_count,
+from .factory import (DEFAULT_BN_MOMENTUM, OFFICIAL_BN_EPS, ClassifierNet, build_model, check_count,
                       he_normal_init, per_stage, scale_widths)
 from .registry import register_model
 
@@ -73,7 +73,7 @@ class ResNet(ClassifierNet):
                  widths: Sequence[int] = (96, 192, 384), width_mult: float = 1.0, stem: str = "cifar",
                  conv_layer: Callable[..., nn.Module] = partial(nn.Conv2d, bias=False),
                  norm_layer: Callable[[int], nn.Module] = partial(nn.BatchNorm2d, eps=OFFICIAL_BN_EPS,
-                                                                  momentum=OFFICIAL_BN_MOMENTUM),
+                                                                  momentum=DEFAULT_BN_MOMENTUM),
                  head_layer: Callable[[int, int], nn.Module] = partial(nn.Linear, bias=False),
                  shortcut_layer: Callable[..., nn.Module] = nn.Conv2d) -> None:
         super().__init__(head_layer)

@@ -108,7 +108,8 @@ def test_train_learns_selects_on_validation_and_writes_the_run(tmp_path):
         assert (out / name).is_file(), name
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [8, 16, 24]
-    assert list(rows[0]) == ["step", "epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "wall_time"]
+    assert list(rows[0]) == ["step", "epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "wall_time",
+                            "train_eval_acc"]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # selection on validation only: the best step is the first argmax of val_acc, whatever test_acc says
     best_row = max(rows, key=lambda r: (r["val_acc"], -r["step"]))

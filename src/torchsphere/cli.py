@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .functional._checks import OPERATORS
+from .models.factory import BN_STATS
 from .train.config import (DEVICES, HEADS, LR_SCHEDULES, NORMS, OPTIMIZERS, REGULARIZERS, TrainConfig,
                            config_defaults, load_yaml)
 
@@ -86,8 +87,21 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
                    help="operator of the angular head (wsoftmax / gasoftmax; default: cosine)")
     g.add_argument("--norm", default=S, choices=NORMS, help=f"normalization after each conv {d('norm')}")
     g.add_argument("--bn-momentum", type=_number(float, minimum=0, strict=True), default=S, metavar="M",
-                   help="BatchNorm momentum, PyTorch convention (default: the model's, official 0.001 for 64k steps; "
-                   "use ~0.1 for short runs)")
+                   help="BatchNorm momentum, PyTorch convention = 1 - decay (default: 0.1 with --bn-stats torch, "
+                   "the official 0.001 with --bn-stats official)")
+    g.add_argument("--bn-stats", default=S, choices=BN_STATS,
+                   help="how BatchNorm keeps its test-time statistics: torch (nn.BatchNorm2d: EMA from mean 0 / var 1 "
+                   "of the unbiased batch variance) or official (the official code's zero-started EMA of the biased "
+                   f"batch moments, decay 0.999) {d('bn_stats')}")
+    g.add_argument("--precise-bn", type=_NONNEG_INT, default=S, metavar="N",
+                   help="re-estimate the BN statistics on N training batches before each evaluation and before "
+                   "saving the final model (equal-weight average; 0: off) (default: 0)")
+    g.add_argument("--bn-shadow", type=_list, default=S, metavar="SPEC,...",
+                   help="extra BN statistics kept side by side and evaluated on the test set as test_acc_NAME, e.g. "
+                   "official,torch@0.1 (they never change training)")
+    g.add_argument("--bn-drift", type=_NONNEG_INT, default=S, metavar="STEPS",
+                   help="log the relative change of each BN layer's mean batch moments from one window of STEPS "
+                   "training steps to the next, to bn_drift.csv (0: off) (default: 0)")
     g.add_argument("--width-mult", type=_POS_FLOAT, default=S, metavar="F",
                    help=f"channel multiplier {d('width_mult')}")
     g.add_argument("--widths", type=_int_list, default=S, metavar="W1,W2,W3",
@@ -143,6 +157,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
     g = parser.add_argument_group("evaluation, checkpoints, runtime")
     g.add_argument("--eval-every", type=_POS_INT, default=S, metavar="STEPS", help=f"{d('eval_every')}")
     g.add_argument("--eval-batch-size", type=_POS_INT, default=S, metavar="N", help=f"{d('eval_batch_size')}")
+    g.add_argument("--train-eval-size", type=_NONNEG_INT, default=S, metavar="N",
+                   help="fixed training images evaluated in eval mode at each evaluation (train_eval_acc; 0: off) "
+                   f"{d('train_eval_size')}")
     g.add_argument("--checkpoint-every", type=_NONNEG_INT, default=S, metavar="STEPS",
                    help="extra checkpoints between evaluations (0: at evaluations only)")
     if not for_compare:
@@ -193,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test", help="(default: test)")
     p.add_argument("--data-dir", metavar="DIR", help="where the dataset lives now (default: as in config.yaml)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--precise-bn", type=_NONNEG_INT, default=0, metavar="N",
+                   help="re-estimate the BN statistics on N batches of the run's training split first (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("predict", help="classify images with a saved run", description="Top-k classes of images: "
@@ -314,8 +333,9 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir!r} is not a directory")
     try:
-        result = evaluate_run(args.run_dir, args.weights, split=args.split, data_dir=args.data_dir, device=args.device)
-    except FileNotFoundError as exc:
+        result = evaluate_run(args.run_dir, args.weights, split=args.split, data_dir=args.data_dir, device=args.device,
+                              precise_bn=args.precise_bn)
+    except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     if args.json:
         print(json.dumps(result, indent=2))

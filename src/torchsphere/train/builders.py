@@ -41,6 +41,8 @@ def model_overrides(config: TrainConfig, num_classes: int, in_channels: int) -> 
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     if config.bn_momentum is not None:
         kwargs["bn_momentum"] = config.bn_momentum
+    if config.bn_stats != "torch":
+        kwargs["bn_stats"] = config.bn_stats
     return kwargs
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..functional._checks import OPERATORS, check_choice
+from ..models.factory import BN_STATS
 from ..regularizers.model import METHODS
 
 HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
@@ -46,7 +47,12 @@ class TrainConfig:
     width_mult: float = 1.0               # channel multiplier (official widths 128/192/256)
     widths: tuple[int, ...] | None = None  # stage widths before width_mult; None: the model's (MHE CNN-9: 64/128/256)
     feature_dim: int | None = None        # outputs of a plain net's fc6 (None: 256; 2 or 3 to plot the features)
-    bn_momentum: float | None = None      # None: the model's (official 0.001, i.e. TF decay 0.999, made for 64k steps)
+    bn_momentum: float | None = None      # None: the bn_stats mode's (torch 0.1; official 0.001 = TF decay 0.999)
+    bn_stats: str = "torch"               # torch (nn.BatchNorm2d) | official (zero-started EMA of biased moments)
+    precise_bn: int = 0                   # batches re-estimating BN statistics before each evaluation (0: off)
+    bn_shadow: tuple[str, ...] = ()       # extra BN statistics kept side by side, e.g. ("torch@0.1",); test_acc_*
+    bn_drift: int = 0                     # window in steps for the drift of each BN layer's batch moments (0: off)
+    train_eval_size: int = 1000           # fixed training images evaluated in eval mode (train_eval_acc; 0: off)
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
@@ -93,6 +99,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
+        if isinstance(self.bn_shadow, str):
+            raise TypeError(f"bn_shadow must be a sequence of specs such as ['torch@0.1']; got the string "
+                            f"{self.bn_shadow!r}")
+        self.bn_shadow = tuple(self.bn_shadow)
         if self.widths is not None:
             self.widths = tuple(self.widths)
         self.validate()
@@ -107,6 +117,19 @@ class TrainConfig:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("regularizer", self.regularizer, REGULARIZERS)
         check_choice("device", self.device, DEVICES)
+        check_choice("bn_stats", self.bn_stats, BN_STATS)
+        from .bn_stats import spec_name
+
+        names = [spec_name(spec) for spec in self.bn_shadow]  # raises on a malformed spec
+        if len(set(names)) != len(names):
+            raise ValueError(f"bn_shadow specs must be distinct; got {list(self.bn_shadow)!r}")
+        for name in ("precise_bn", "train_eval_size", "bn_drift"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        if (self.precise_bn or self.bn_shadow or self.bn_drift) and self.norm in ("spherenorm", "none"):
+            option = "precise_bn" if self.precise_bn else ("bn_shadow" if self.bn_shadow else "bn_drift")
+            raise ValueError(f"{option} needs BatchNorm layers; got norm={self.norm!r}, which has none")
         if self.operator is not None:
             check_choice("operator", self.operator, OPERATORS)
         if self.head_operator is not None:
@@ -159,6 +182,7 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["milestones"] = list(self.milestones)
         out["widths"] = None if self.widths is None else list(self.widths)
+        out["bn_shadow"] = list(self.bn_shadow)
         return out
 
     @classmethod
@@ -169,7 +193,7 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
         values = dict(values)
-        for key in ("milestones", "widths"):
+        for key in ("milestones", "widths", "bn_shadow"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import bn_stats
 from .builders import build_data, build_model
 from .checkpoint import BEST_FILE, MODEL_FILE, load_weights
 from .config import TrainConfig
@@ -54,17 +55,29 @@ def load_run(run_dir: str | os.PathLike, weights: str = "final", device: str | t
 
 def evaluate_run(run_dir: str | os.PathLike, weights: str = "final", *, split: str = "test",
                  data_dir: str | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 500) -> dict[str, Any]:
-    """Accuracy and loss of a saved model on the run's ``test`` or ``val`` split (rebuilt from its config)."""
+                 batch_size: int = 500, precise_bn: int = 0) -> dict[str, Any]:
+    """Accuracy and loss of a saved model on the run's ``test`` or ``val`` split (rebuilt from its config).
+
+    Args:
+        precise_bn: when > 0, the BatchNorm statistics are first re-estimated on that many batches (the run's batch
+            size) of the run's training split, without augmentation (:func:`torchsphere.train.bn_stats.precise_bn`).
+    """
     if split not in ("test", "val"):
         raise ValueError(f"unknown split {split!r}; choose from ['test', 'val']")
+    if isinstance(precise_bn, bool) or not isinstance(precise_bn, int) or precise_bn < 0:
+        raise ValueError(f"precise_bn must be an integer >= 0; got {precise_bn!r}")
     run = load_run(run_dir, weights, device)
     config = run.config if data_dir is None else run.config.replace(data_dir=data_dir)
+    if precise_bn:
+        bn_stats.require_bn(run.model, "precise BN")
     data = build_data(config)
+    if precise_bn:
+        batches = bn_stats.precise_bn_batches(data.train_x, precise_bn, config.batch_size, config.seed)
+        bn_stats.precise_bn(run.model, batches, device=torch.device(device))
     x, y = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
     acc, loss = evaluate(run.model, x, y, batch_size=batch_size)
     return dict(run=str(run_dir), weights=weights, split=split, dataset=config.dataset, samples=int(y.numel()),
-                accuracy=acc, loss=loss)
+                accuracy=acc, loss=loss, precise_bn=precise_bn)
 
 
 def load_inputs(paths: list[str | os.PathLike], in_channels: int, image_size: tuple[int, int]) -> Tensor:

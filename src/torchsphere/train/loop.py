@@ -31,13 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import bn_stats
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .builders import (autocast_dtype, build_data, build_lambda_schedule, build_model, build_optimizer,
                        build_regularizer, build_scheduler, classification_loss, count_parameters, epoch_permutation,
                        mix_seed, orth_penalty, resolved_milestones, set_head_lambda, steps_per_epoch, total_steps)
 from .config import TrainConfig
-from .metrics import METRICS_FILE, SUMMARY_FILE, write_metrics, write_summary
+from .metrics import BN_DRIFT_FILE, METRICS_FILE, SUMMARY_FILE, write_bn_drift, write_metrics, write_summary
 
 log = logging.getLogger("torchsphere.train")
 CONFIG_FILE = "config.yaml"
@@ -54,6 +55,7 @@ class RunState:
     best_val_acc: float = -1.0
     best_step: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
+    drift_rows: list[dict[str, Any]] = field(default_factory=list)  # bn_drift.csv
     loss_sum: float = 0.0          # since the last evaluation
     correct: float = 0.0
     seen: float = 0.0
@@ -85,6 +87,26 @@ class Run:
     augment: Any
     data_generator: torch.Generator
     state: RunState = field(default_factory=RunState)
+    shadow: bn_stats.ShadowStats | None = None   # bn_shadow: statistics kept beside the model's own
+    drift: bn_stats.MomentDrift | None = None    # bn_drift
+    bn_hooks: bn_stats.MomentHooks | None = None  # feeds shadow and drift from the training batches
+    train_eval_index: Tensor | None = None       # the fixed training images evaluated in eval mode
+
+    @contextlib.contextmanager
+    def precise_statistics(self) -> Any:
+        """Inside: the model's BN statistics re-estimated on ``precise_bn`` training batches (no augmentation,
+        batches drawn by a generator of (seed, step), so the training RNG is untouched); the running statistics
+        that training keeps are restored on exit."""
+        batches = bn_stats.precise_bn_batches(self.data.train_x, self.config.precise_bn, self.config.batch_size,
+                                              mix_seed(self.config.seed, self.state.step, 2))
+        with bn_stats.preserved_bn_state(self.raw_model), self.hooks_paused():
+            bn_stats.precise_bn(self.raw_model, batches, device=self.device)
+            yield
+
+    @contextlib.contextmanager
+    def hooks_paused(self) -> Any:
+        with self.bn_hooks.paused() if self.bn_hooks is not None else contextlib.nullcontext():
+            yield
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500,
@@ -134,6 +156,8 @@ def train_one_epoch(run: Run, epoch: int, progress: Any = None) -> None:
             progress.set_postfix(loss=f"{loss:.3f}", acc=f"{correct / indices.numel():.3f}",
                                  img_s=f"{images_per_s:.0f}", refresh=False)
         step = run.state.step
+        if run.drift is not None and step % cfg.bn_drift == 0:
+            run.state.drift_rows.extend(run.drift.close_window(step))
         if step % cfg.eval_every == 0 or step == run.total:
             evaluation_point(run, epoch, progress)
         elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -171,25 +195,51 @@ def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 
 def evaluation_point(run: Run, epoch: int, progress: Any = None) -> None:
-    """Evaluates (val for selection, test as a reported curve), appends a metrics row, checkpoints (rank 0)."""
+    """Evaluates (val for selection, test as a reported curve), appends a metrics row, checkpoints (rank 0).
+
+    Columns beyond the base set: ``train_eval_acc`` (a fixed training subset in eval mode: a gap to ``train_acc``
+    that the test set also shows is a BN-statistics gap, not overfitting), ``test_acc_<set>`` for every
+    ``bn_shadow`` set, and with ``precise_bn`` the precise-statistics ``val_acc`` (then the selection metric) and
+    ``test_acc_precise`` beside the running-statistics ``val_acc_running``.
+    """
     cfg, st, data = run.config, run.state, run.data
     sums = dist_utils.all_reduce_sum(torch.tensor([st.loss_sum, st.correct, st.seen], dtype=torch.float64), run.info)
-    val_acc, _ = evaluate(run.raw_model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size, amp=cfg.amp)
-    test_acc, _ = evaluate(run.raw_model, data.test_x, data.test_y, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+    model = run.raw_model
+
+    def accuracy(x: Tensor, y: Tensor) -> float:
+        return evaluate(model, x, y, batch_size=cfg.eval_batch_size, amp=cfg.amp)[0]
+
+    val_acc = accuracy(data.val_x, data.val_y)
+    test_acc = accuracy(data.test_x, data.test_y)
     row = dict(step=st.step, epoch=epoch, lr=run.optimizer.param_groups[0]["lr"],
                train_loss=float(sums[0] / sums[2]), train_acc=float(sums[1] / sums[2]), val_acc=val_acc,
                test_acc=test_acc, wall_time=round(st.wall_time, 3))
-    st.rows.append(row)
+    if run.train_eval_index is not None:
+        row["train_eval_acc"] = accuracy(data.train_x[run.train_eval_index], data.train_y[run.train_eval_index])
+    if run.shadow is not None:
+        for name in run.shadow.sets:
+            with run.shadow.applied(name):
+                row[f"test_acc_{name}"] = accuracy(data.test_x, data.test_y)
     st.loss_sum = st.correct = st.seen = 0.0
-    improved = not math.isnan(val_acc) and val_acc > st.best_val_acc
-    if improved:
-        st.best_val_acc, st.best_step = val_acc, st.step
-    if run.info.is_main:
+    with run.precise_statistics() if cfg.precise_bn else contextlib.nullcontext():
+        if cfg.precise_bn:  # the saved and selected model carries the precise statistics
+            row["val_acc_running"], row["val_acc"] = val_acc, accuracy(data.val_x, data.val_y)
+            row["test_acc_precise"] = accuracy(data.test_x, data.test_y)
+            val_acc = row["val_acc"]
+        improved = not math.isnan(val_acc) and val_acc > st.best_val_acc
         if improved:
-            ckpt.save_weights(run.raw_model, run.out / ckpt.BEST_FILE, metadata={"step": str(st.step)})
+            st.best_val_acc, st.best_step = val_acc, st.step
+            if run.info.is_main:
+                ckpt.save_weights(model, run.out / ckpt.BEST_FILE, metadata={"step": str(st.step)})
+    st.rows.append(row)
+    if run.info.is_main:
         write_metrics(run.out / METRICS_FILE, st.rows)
+        if run.drift is not None:
+            write_bn_drift(run.out / BN_DRIFT_FILE, st.drift_rows)
         message = (f"step {st.step}/{run.total} epoch {epoch} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
                    f"train_acc {row['train_acc']:.4f} val_acc {val_acc:.4f} test_acc {test_acc:.4f}")
+        if "test_acc_precise" in row:
+            message += f" test_acc_precise {row['test_acc_precise']:.4f}"
         if progress is not None:
             progress.write(message)
         else:
@@ -211,6 +261,10 @@ def save_run_checkpoint(run: Run, epoch: int) -> None:
             state["regularizer"] = run.regularizer.state_dict()
             if getattr(run.regularizer, "pole_optimizer", None) is not None:
                 state["pole_optimizer"] = run.regularizer.pole_optimizer.state_dict()
+        if run.shadow is not None:
+            state["bn_shadow"] = run.shadow.state_dict()
+        if run.drift is not None:
+            state["bn_drift"] = run.drift.state_dict()
         ckpt.save_checkpoint(run.out, run.raw_model, state)
     dist_utils.barrier(run.info)
 
@@ -230,10 +284,16 @@ def restore(run: Run) -> None:
         if "pole_optimizer" in state:
             run.regularizer.pole_optimizer.load_state_dict(state["pole_optimizer"])
     ckpt.set_rng_state(state["rng"][run.info.rank % len(state["rng"])], run.data_generator)
+    if run.shadow is not None:
+        run.shadow.load_state_dict(state["bn_shadow"])
+    if run.drift is not None:
+        run.drift.load_state_dict(state["bn_drift"])
     fields = RunState().to_dict().keys()
-    run.state = RunState(**{k: state[k] for k in fields})
+    run.state = RunState(**{k: state[k] for k in fields if k in state})
     if run.info.is_main:  # drop rows written after the checkpoint (a kill between the two writes)
         write_metrics(run.out / METRICS_FILE, run.state.rows)
+        if run.drift is not None:
+            write_bn_drift(run.out / BN_DRIFT_FILE, run.state.drift_rows)
 
 
 def setup(config: TrainConfig) -> Run:
@@ -256,6 +316,9 @@ def setup(config: TrainConfig) -> Run:
     augment = None if augment_name == "none" else make_augment(augment_name)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     raw_model = build_model(config, data.num_classes, data.in_channels, data.image_size).to(device)
+    for option in ("precise_bn", "bn_shadow", "bn_drift"):
+        if getattr(config, option):
+            bn_stats.require_bn(raw_model, option)
     if config.sync_bn and info.enabled:
         if device.type != "cuda":
             raise ValueError("sync_bn needs device 'cuda': torch's SyncBatchNorm only works with GPU modules; got "
@@ -282,6 +345,15 @@ def setup(config: TrainConfig) -> Run:
     seed_everything(mix_seed(config.seed, info.rank))
     run = Run(config, model, raw_model, optimizer, scheduler, scaler, regularizer, lambda_schedule, head, data,
               device, info, out, total, per_epoch, augment, data_generator)
+    if config.bn_shadow:
+        run.shadow = bn_stats.ShadowStats(raw_model, config.bn_shadow)
+    if config.bn_drift:
+        run.drift = bn_stats.MomentDrift(raw_model)
+    if run.shadow is not None or run.drift is not None:
+        run.bn_hooks = bn_stats.MomentHooks(raw_model, [c for c in (run.shadow, run.drift) if c is not None])
+    if config.train_eval_size and data.train_y.numel():
+        generator = torch.Generator().manual_seed(mix_seed(config.seed, 3))
+        run.train_eval_index = torch.randperm(data.train_y.numel(), generator=generator)[:config.train_eval_size]
     if has_checkpoint:
         restore(run)
     elif info.is_main:
@@ -315,6 +387,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def finish(run: Run) -> dict[str, Any]:
     """Final and best-on-validation test accuracy, ``summary.json``, ``model.safetensors`` of the final weights."""
     cfg, st, data = run.config, run.state, run.data
+    final_running = None
+    if cfg.precise_bn:  # the final model is saved with precise statistics
+        final_running = evaluate(run.raw_model, data.test_x, data.test_y, batch_size=cfg.eval_batch_size,
+                                 amp=cfg.amp)[0]
+        batches = bn_stats.precise_bn_batches(data.train_x, cfg.precise_bn, cfg.batch_size,
+                                              mix_seed(cfg.seed, st.step, 2))
+        with run.hooks_paused():
+            bn_stats.precise_bn(run.raw_model, batches, device=run.device)
     final_val, _ = evaluate(run.raw_model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size, amp=cfg.amp)
     final_test, final_loss = evaluate(run.raw_model, data.test_x, data.test_y, batch_size=cfg.eval_batch_size,
                                       amp=cfg.amp)
@@ -332,7 +412,9 @@ def finish(run: Run) -> dict[str, Any]:
         dataset_source=getattr(data, "source", ""), seed=cfg.seed, steps=st.step, batch_size=cfg.batch_size,
         epochs=round(st.step / run.per_epoch, 3), world_size=run.info.world_size,
         replica_max_abs_diff=divergence,
-        final=dict(step=st.step, val_acc=final_val, test_acc=final_test, test_loss=final_loss),
+        final=dict(step=st.step, val_acc=final_val, test_acc=final_test, test_loss=final_loss,
+                   **({} if final_running is None else dict(test_acc_running=final_running))),
+        bn=dict(stats=cfg.bn_stats, precise_bn=cfg.precise_bn, shadow=list(cfg.bn_shadow)),
         best=best, train_time_s=round(st.wall_time, 3),
         time_per_step_s=st.wall_time / max(st.step, 1), num_params=count_parameters(run.raw_model),
         milestones=resolved_milestones(cfg, run.total) if cfg.lr_schedule == "multistep" else [],

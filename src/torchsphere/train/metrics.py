@@ -21,17 +21,35 @@ from .checkpoint import atomic_write_text
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+BN_DRIFT_FILE = "bn_drift.csv"
 COLUMNS: tuple[str, ...] = ("step", "epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "wall_time")
-_INT_COLUMNS = {"step", "epoch"}
+DRIFT_COLUMNS: tuple[str, ...] = ("step", "layer", "index", "mean_rel_change", "var_rel_change", "var_mean")
+_INT_COLUMNS = {"step", "epoch", "index"}
 
 
 def write_metrics(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """Rewrites the whole CSV atomically (a few hundred rows at most: cheap, and never half-written)."""
+    """Rewrites the whole CSV atomically (a few hundred rows at most: cheap, and never half-written).
+
+    The base ``COLUMNS`` come first, then the optional columns of the run (``train_eval_acc``, ``test_acc_precise``,
+    ``test_acc_<set>``, ...) in the order they first appear.
+    """
+    columns = list(COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    _write_csv(path, rows, columns)
+
+
+def write_bn_drift(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """``bn_drift.csv``: one row per BatchNorm layer and evaluation window (``DRIFT_COLUMNS``)."""
+    _write_csv(path, rows, list(DRIFT_COLUMNS))
+
+
+def _write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], columns: list[str]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _format(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: _format(row.get(k)) for k in columns})
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -43,7 +61,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     with path.open(newline="") as f:
         rows = []
         for raw in csv.DictReader(f):
-            rows.append({k: (int(v) if k in _INT_COLUMNS else (float(v) if v != "" else math.nan))
+            rows.append({k: (int(v) if k in _INT_COLUMNS else (_number(v) if v != "" else math.nan))
                          for k, v in raw.items()})
     return rows
 
@@ -57,6 +75,13 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"summary file {str(path)!r} does not exist")
     return json.loads(path.read_text())
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:  # a text column (bn_drift.csv's layer names)
+        return text
 
 
 def _format(value: Any) -> str:

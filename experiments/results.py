@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import run_all
+from e8_report import section_e8
 from torchsphere.train.report import ConfigResult, markdown_table, mean_std, steps_to_reach, table_rows
 
 HUMAN_START, HUMAN_END = "<!-- human-discussion:start -->", "<!-- human-discussion:end -->"
@@ -36,6 +37,7 @@ class Loaded:
         self.spec = run_all.load(experiment, quick)
         configs = run_all.configs_of(experiment, output, quick)
         states = {c.output: run_all.run_state(c) for cfgs in configs.values() for c in cfgs}
+        self.configs = configs
         self.total = len(states)
         self.done = sum(s == "done" for s in states.values())
         self.complete = self.done == self.total
@@ -252,7 +254,8 @@ SECTIONS = {"e1_operators_heads": ("E1: operators × heads", section_e1),
             "e3_norm_batch": ("E3: SphereNorm vs BatchNorm across batch sizes", section_e3),
             "e4_deep_plain": ("E4: deep plain networks", section_e4),
             "e5_regularizers": ("E5: regularizers", section_e5),
-            "e6_feature_geometry": ("E6: feature geometry", section_e6)}
+            "e6_feature_geometry": ("E6: feature geometry", section_e6),
+            "e8_convergence_bn": ("E8: convergence decomposed — optimization vs evaluation", section_e8)}
 
 
 def plot_lines(path: Path, title: str, xlabel: str, lines: dict[str, list[tuple[int, ConfigResult]]],

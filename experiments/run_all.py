@@ -75,6 +75,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("e4_deep_plain", "e4_deep_plain.yaml"),
     Experiment("e5_regularizers", "e5_regularizers.yaml"),
     Experiment("e6_feature_geometry", "e6_feature_geometry.yaml", after=_feature_plots),
+    Experiment("e8_convergence_bn", "e8_convergence_bn.yaml"),
 )
 NAMES = [e.name for e in EXPERIMENTS]
 
@@ -135,7 +136,9 @@ def _train_one(config) -> str:
 def train_experiment(experiment: Experiment, output: Path, quick: bool, jobs: int,
                      data_dir: str | None = None) -> int:
     """Trains the missing runs of one experiment (``jobs`` at a time); returns how many were trained."""
-    configs = [c for cfgs in configs_of(experiment, output, quick, data_dir).values() for c in cfgs]
+    per_config = list(configs_of(experiment, output, quick, data_dir).values())
+    # seed-major order: every configuration of seed 0 first, so a cut-short session leaves complete seeds
+    configs = [cfgs[i] for i in range(max(map(len, per_config), default=0)) for cfgs in per_config if i < len(cfgs)]
     todo = [c for c in configs if run_state(c) != "done"]
     print(f"== {experiment.name}: {len(configs) - len(todo)}/{len(configs)} runs finished earlier, "
           f"{len(todo)} to train", flush=True)

@@ -29,7 +29,9 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
-   compiler is never required for correctness. Inside an outer ``torch.compile``/``torch.export`` trace the eager
+   compiler is never required for correctness. Inference does not pay the compile: under ``torch.no_grad()`` /
+   ``torch.inference_mode()`` a kernel that this process has not compiled yet runs eagerly (the same functions,
+   equal up to float rounding), while the evaluations inside a training run reuse the kernels its steps compiled. Inside an outer ``torch.compile``/``torch.export`` trace the eager
    functions are traced (the outer compiler fuses them).
 
 5. ``memory_efficient=True`` (``SphereTail.apply(..., save="output")``) saves the *output* instead of z: the
@@ -243,11 +245,14 @@ def tail_backward_from_output(grad: Tensor, out: Tensor, r: Tensor, k: float | T
 
 
 _COMPILED: dict[str, Callable] = {}
+_WARM: set[str] = set()  # kernels that have compiled and run in this process
 
 
 def _kernel(name: str, fn: Callable, numel: int) -> Callable:
     """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring)."""
     if numel < COMPILE_MIN_NUMEL or torch.compiler.is_compiling() or _COMPILED.get("failed"):
+        return fn
+    if not torch.is_grad_enabled() and name not in _WARM:  # inference: never wait for a first compilation
         return fn
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -255,7 +260,9 @@ def _kernel(name: str, fn: Callable, numel: int) -> Callable:
 
     def run(*args):
         try:
-            return compiled(*args)
+            out = compiled(*args)
+            _WARM.add(name)
+            return out
         except Exception as err:  # noqa: BLE001 -- any compiler failure: fall back to the eager kernel for good
             _COMPILED["failed"] = True
             warnings.warn(f"torchsphere: compiling the fused SphereConv tail failed ({type(err).__name__}: {err}); "
@@ -312,13 +319,23 @@ class SphereTail(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        saved, r, k_t = ctx.saved_tensors[0], ctx.saved_tensors[1], ctx.saved_tensors[2]
+        try:
+            saved_tensors = ctx.saved_tensors
+        except RuntimeError as err:
+            if ctx.save_output and "inplace operation" in str(err):
+                raise RuntimeError(f"{err}\n\ntorchsphere: this sphere layer runs with memory_efficient=True, so it "
+                                   "saves its output for the backward, and an in-place op after the layer (e.g. "
+                                   "ReLU(inplace=True) or x += ...) modified that output. Build the layer (or "
+                                   "convert_to_sphere) with memory_efficient=False, or make the next op "
+                                   "out-of-place.") from None
+            raise
+        saved, r, k_t = saved_tensors[0], saved_tensors[1], saved_tensors[2]
         k = ctx.k_float if k_t is None else k_t
         need_k = k_t is not None and ctx.needs_input_grad[2]
         grad = grad.contiguous()
         if ctx.save_output:
             grad_z, grad_r, grad_k = _kernel("backward_from_output", tail_backward_from_output, saved.numel())(
-                grad, saved, r, k, ctx.saved_tensors[3], ctx.operator, need_k)
+                grad, saved, r, k, saved_tensors[3], ctx.operator, need_k)
         else:
             grad_z, grad_r, grad_k = _kernel("backward", tail_backward, saved.numel())(
                 grad, saved, r, k, ctx.operator, need_k)

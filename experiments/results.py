@@ -66,7 +66,9 @@ def reach(result: ConfigResult, threshold: float) -> tuple[float, int]:
 
 def pct(mean_and_std: tuple[float, float]) -> str:
     mean, std = mean_and_std
-    return "—" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    if math.isnan(mean):
+        return "—"
+    return f"{100 * mean:.2f} (1 seed)" if math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def verdict(a: ConfigResult, b: ConfigResult) -> str:
@@ -216,7 +218,7 @@ def section_e6(exp: Loaded, images: Path) -> list[str]:
 
 def pct_plain(values: list[float]) -> str:
     mean, std = mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f} (1 seed)" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 TWINS = {  # experiment -> function(config name) -> name of its CNN twin (same settings, plain convolutions)
@@ -265,11 +267,13 @@ def plot_lines(path: Path, title: str, xlabel: str, lines: dict[str, list[tuple[
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for label, points in lines.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = [(c, ls, mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^")) for c in colors]  # no shared colour
+    for (label, points), (color, linestyle, marker) in zip(lines.items(), styles * (1 + len(lines) // len(styles))):
         xs = [x for x, _ in points]
         stats = [final_acc(r) for _, r in points]
-        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
-                    label=label)
+        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
+                    color=color, ls=linestyle, marker=marker, capsize=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=xlabel, ylabel="final test accuracy (%)")

@@ -1,6 +1,7 @@
 """The compare report: ``report.md`` (a markdown table) and ``convergence.png`` (curves with a band over seeds).
 
-For each configuration, over its seeds (mean ± sample standard deviation, ddof = 1; ± 0 for one seed):
+For each configuration, over its seeds (mean ± sample standard deviation, ddof = 1; with one seed the spread is
+undefined and the cell says "(1 seed)" instead of a ± that would read as zero noise):
 
 - **final test**: test accuracy of the final weights;
 - **best-on-val test**: test accuracy of the weights with the highest validation accuracy (model selection on the
@@ -49,11 +50,12 @@ class ConfigResult:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for a single value); NaNs are dropped; (nan, nan) when nothing is left."""
+    """Mean and sample std (nan for a single value: the spread is undefined); NaNs are dropped; (nan, nan) when
+    nothing is left."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
 def steps_to_reach(rows: list[dict[str, Any]], threshold: float, key: str = "test_acc") -> int | None:
@@ -67,6 +69,8 @@ def steps_to_reach(rows: list[dict[str, Any]], threshold: float, key: str = "tes
 def _pct(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "—"
+    if math.isnan(std):
+        return f"{100 * mean:.2f} (1 seed)"
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
@@ -135,7 +139,7 @@ def _batch(summary: dict[str, Any]) -> str:
 
 
 _LEGEND = (
-    "Mean ± sample std over seeds. *final*: the last weights; *best-on-val*: the weights with the highest validation "
+    "Mean ± sample std over seeds (one seed: no spread, marked \"(1 seed)\"). *final*: the last weights; *best-on-val*: the weights with the highest validation "
     "accuracy (validation split carved from the training set; the test set is never used for selection); *peak test "
     "(reported)*: the maximum of the test-accuracy curve, i.e. selected on the test set as the official SphereNet "
     "README's \"best\" — shown for comparison only; the test curve itself is recorded at each evaluation for the "

@@ -26,7 +26,6 @@ from torchsphere.regularizers import HypersphericalRegularizer
 from torchsphere.train import CompareSpec, TrainConfig, read_metrics, read_summary, train
 from torchsphere.train.checkpoint import atomic_write_text
 from torchsphere.train.compare import run_configs
-from torchsphere.train.preflight import resolve_augment
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--dataset", "synthetic", "--width-mult", "0.0625", "--bn-momentum", "0.1", "--batch-size", "32",
@@ -93,6 +92,8 @@ def test_compare_refuses_overrides_that_make_configurations_identical(tmp_path):
 
 # ---------------------------------------------------------------- 2. the resolved config records what ran
 def test_config_yaml_records_the_augmentation_that_ran(finished_run, tmp_path):
+    from torchsphere.train.preflight import resolve_augment
+
     assert yaml.safe_load((finished_run / "config.yaml").read_text())["augment"] == "none"  # synthetic: none
     assert resolve_augment(TrainConfig(dataset="fashion-mnist")).augment == "flip"
     assert resolve_augment(TrainConfig(dataset="cifar100")).augment == "cifar10+"

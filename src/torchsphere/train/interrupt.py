@@ -4,7 +4,8 @@
 elsewhere it does nothing) and restores the previous handlers on exit. A first signal only sets a flag: the training
 loop finishes the current step, writes ``checkpoint.pt`` and raises :class:`TrainingInterrupted`, whose message
 gives the exact command that resumes the run. A second signal of the same kind acts as without the context manager
-(Ctrl-C twice: an immediate ``KeyboardInterrupt``). Under DDP the flag is summed over the ranks at every step, so all
+(Ctrl-C twice: an immediate ``KeyboardInterrupt``); a signal that the process ignores (``nohup``, a background job
+of a non-interactive shell) stays ignored. Under DDP the flag is summed over the ranks at every step, so all
 ranks stop at the same step and write one consistent checkpoint.
 
 The exit code convention of shells is 128 + the signal number: 130 for SIGINT, 143 for SIGTERM.
@@ -80,7 +81,10 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
-                self._previous[sig] = signal.getsignal(sig)
+                previous = signal.getsignal(sig)
+                if previous is signal.SIG_IGN:  # an ignored signal stays ignored (nohup, background jobs)
+                    continue
+                self._previous[sig] = previous
                 signal.signal(sig, self._handle)
         return self
 

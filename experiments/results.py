@@ -129,8 +129,9 @@ def section_e1(exp: Loaded, images: Path) -> list[str]:
     out += ["", "### E2: convergence curves", ""]
     out += [f"![E1/E2 convergence]({image})" if image else "(convergence plot missing)", "",
             "Test accuracy (reported curve) and training loss against steps, mean over seeds with a ±1 std band. "
-            "The paper's central claim is faster convergence of the SphereNets (spherenet.md §8.2: on CIFAR-10 the "
-            "official SphereNet-9 runs reach 80% at 3.0k-4.5k iterations, the CNN-9 at 11.5k)."]
+            "The paper's central claim is faster convergence of the SphereNets (Liu et al., NIPS 2017; in the "
+            "official wy1iu/SphereNet CIFAR-10 logs the SphereNet-9 runs reach 80% at 3.0k-4.5k iterations, the "
+            "CNN-9 at 11.5k)."]
     return out
 
 
@@ -268,6 +269,8 @@ def plot_lines(path: Path, title: str, xlabel: str, lines: dict[str, list[tuple[
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(lines) > len(colors):
+        colors = list(plt.get_cmap("tab20").colors)
     styles = [(c, ls, mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^")) for c in colors]  # no shared colour
     for (label, points), (color, linestyle, marker) in zip(lines.items(), styles * (1 + len(lines) // len(styles))):
         xs = [x for x, _ in points]

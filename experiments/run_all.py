@@ -1,4 +1,4 @@
-"""Runs the reproduction experiments of issue 7 and regenerates ``docs/results.md`` from their run folders.
+"""Runs the reproduction experiments (experiments/README.md) and regenerates ``docs/results.md`` from their run folders.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189); Liu et al., *Learning towards Minimum
 Hyperspherical Energy*, NeurIPS 2018 (arXiv 1805.09298). Each experiment is a ``torchsphere compare`` spec in this

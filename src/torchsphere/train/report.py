@@ -171,8 +171,11 @@ def plot_convergence(results: list[ConfigResult], path: str | os.PathLike, title
 
     many = len(results) > 6  # then one legend beside the plots, so that it hides no curve
     fig, axes = plt.subplots(1, 2, figsize=(14.5 if many else 12, 4.5), dpi=110)
-    # every configuration its own (colour, line style, marker): the 10-colour cycle alone repeats colours
+    # every configuration its own (colour, line style, marker): the 10-colour cycle repeats colours beyond 10
+    # configurations, so those get tab20's 20 distinct colours
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(results) > len(colors):
+        colors = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
     styles = [(c, ls, mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")) for c in colors]
     for result, (color, linestyle, marker) in zip(results, styles * (1 + len(results) // len(styles))):
         for ax, key, scale in ((axes[0], "test_acc", 100.0), (axes[1], "train_loss", 1.0)):

@@ -2,7 +2,7 @@
 
 The architectures (:class:`~torchsphere.models.PlainNet`, :class:`~torchsphere.models.ResNet`) take layer *types*
 (``conv_layer``, ``norm_layer``, ``head_layer``); this module maps the closed vocabularies below onto them, so a
-SphereNet and its CNN baseline differ by one string (STYLE practices 3-5).
+SphereNet and its CNN baseline differ by one string (closed string choices mapped onto injected layer types, as timm's layer factories).
 
 - operator: ``"conv"`` (a plain bias-free ``nn.Conv2d``, the CNN baseline) or a SphereConv operator ``"linear"``,
   ``"cosine"``, ``"sigmoid"``, ``"learnable_sigmoid"`` (Liu et al., *Deep Hyperspherical Learning*, NIPS 2017,
@@ -118,7 +118,7 @@ class LayerConfig:
         if self.norm.startswith("spherenorm"):
             return partial(SphereNorm2d, operator=self.operator, sigmoid_k=self.sigmoid_k)
         # the architectures apply no in-place op to a convolution's output, so the layers may save their output
-        # (issue 8: no full-size saved tensor beyond the CNN's when BatchNorm or ReLU follows)
+        # (no full-size saved tensor beyond the CNN's when BatchNorm or ReLU follows; docs/benchmarks.md)
         return partial(SphereConv2d, operator=self.operator, sigmoid_k=self.sigmoid_k, memory_efficient=True)
 
     def norm_layer(self) -> Callable[[int], nn.Module]:

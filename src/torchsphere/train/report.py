@@ -13,6 +13,10 @@ undefined and the cell says "(1 seed)" instead of a ± that would read as zero n
 - **time/step** and its ratio to the baseline (the first configuration): training wall time per step, evaluations
   excluded. Runs on a shared machine make this ratio noisy.
 
+Under the table, an **outcome** list states what was measured against the baseline: per threshold, which
+configurations reach it in fewer or more mean steps (a configuration counts only when every seed reaches it), and
+which end with a higher or lower final accuracy beyond the seed spread.
+
 The plot uses the matplotlib Agg backend (no display needed): test accuracy and training loss against steps, one curve
 per configuration, the mean over seeds with a ±1 std band.
 """
@@ -105,6 +109,51 @@ def table_rows(results: list[ConfigResult], thresholds: list[float]) -> list[lis
     return rows
 
 
+def outcome_lines(results: list[ConfigResult], thresholds: list[float]) -> list[str]:
+    """What the runs measured against the baseline (the first configuration), one bullet per threshold plus the
+    final accuracy: which configurations reach the threshold in fewer / more mean steps, and which end higher /
+    lower beyond the seed spread (|difference of means| > the sum of the standard deviations)."""
+    if len(results) < 2:
+        return []
+    base, others = results[0], results[1:]
+    lines = [f"**Outcome against {base.name}:**", ""]
+    for t in thresholds:
+        b = _mean_reach(base, t)
+        if b is None:
+            lines.append(f"- {100 * t:g}%: {base.name} never reaches it; reached by "
+                         + (", ".join(r.name for r in others if _mean_reach(r, t) is not None) or "none"))
+            continue
+        faster = [r.name for r in others if (m := _mean_reach(r, t)) is not None and m < b]
+        slower = [r.name for r in others if (m := _mean_reach(r, t)) is not None and m > b]
+        same = [r.name for r in others if _mean_reach(r, t) == b]
+        never = [r.name for r in others if _mean_reach(r, t) is None]
+        parts = [f"{label}: {', '.join(names)}" for label, names in (("fewer steps", faster), ("more steps", slower),
+                                                                      ("the same", same), ("never", never)) if names]
+        lines.append(f"- {100 * t:g}% (baseline at step {b:.0f}): " + "; ".join(parts))
+    final = mean_std([s["final"]["test_acc"] for s in base.summaries])
+    higher, lower, within = [], [], []
+    for r in others:
+        m, sd = mean_std([s["final"]["test_acc"] for s in r.summaries])
+        if math.isnan(sd) or math.isnan(final[1]):
+            within.append(f"{r.name} (1 seed: no verdict)")
+        elif abs(m - final[0]) > sd + final[1]:
+            (higher if m > final[0] else lower).append(r.name)
+        else:
+            within.append(r.name)
+    parts = [f"{label}: {', '.join(names)}" for label, names in (("higher", higher), ("lower", lower),
+                                                                  ("within noise", within)) if names]
+    lines.append("- final test accuracy: " + "; ".join(parts))
+    return lines
+
+
+def _mean_reach(result: ConfigResult, threshold: float) -> float | None:
+    """Mean step at which the seeds reach ``threshold``, None unless every seed does."""
+    steps = [steps_to_reach(rows, threshold) for rows in result.curves]
+    if not steps or any(s is None for s in steps):
+        return None
+    return statistics.fmean(steps)
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
@@ -126,7 +175,8 @@ def write_report(results: list[ConfigResult], output: str | os.PathLike, thresho
             f"{first['steps']} steps of batch {_batch(first)} per run; baseline: {results[0].name}.", ""]
     if notes:
         text += [notes.strip(), ""]
-    text += [table, "", _LEGEND, "", f"![convergence]({PLOT_FILE})", "", "Runs:", ""]
+    text += [table, "", *outcome_lines(results, thresholds), "", _LEGEND, "", f"![convergence]({PLOT_FILE})", "",
+             "Runs:", ""]
     for result in results:
         text += [f"- {result.name}: " + ", ".join(f"`{s['run']}`" for s in result.summaries)]
     atomic_write_text(output / REPORT_FILE, "\n".join(text) + "\n")

@@ -233,7 +233,8 @@ def main() -> None:
             "blocks above 64 KiB mmap-ed so that freed tensors leave the RSS). Variants: the operator's name alone "
             "= the model as `create_model` builds it (fused path, `memory_efficient=True`: the output is saved and "
             "written over the convolution's buffer); `save-z` = the fused path saving z (the layers' default, "
-            "`memory_efficient=False`); `reference` = the eager composition (the path before the fused one; up to width "
+            "`memory_efficient=False`); `reference` = the eager composition (the path before the fused one; up to "
+            "width "
             f"multiplier {args.reference_max_width}). Targets: time <= 1.10x, memory <= 1.3x the CNN.", ""]
     rows = ["| width | input | variant | step (ms) | time / CNN | step peak (MiB) | memory / CNN |",
             "|---|---|---|---:|---:|---:|---:|"]

@@ -292,8 +292,8 @@ def test_convert_warns_about_patterns_that_match_nothing():
 
 
 def test_convert_with_learnable_sigmoid_warns_about_the_new_parameters():
-    with pytest.warns(UserWarning, match=r"added 2 learnable parameter\(s\) \(0\.sigmoid_k_raw, 3\.sigmoid_k_raw\): build "
-                                         r"the optimizer after the conversion"):
+    with pytest.warns(UserWarning, match=r"added 2 learnable parameter\(s\) \(0\.sigmoid_k_raw, 3\.sigmoid_k_raw\): "
+                                         r"build the optimizer after the conversion"):
         convert_to_sphere(_net(), "learnable_sigmoid")
 
 

@@ -31,8 +31,9 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
    compiler is never required for correctness. Inference does not pay the compile: under ``torch.no_grad()`` /
    ``torch.inference_mode()`` a kernel that this process has not compiled yet runs eagerly (the same functions,
-   equal up to float rounding), while the evaluations inside a training run reuse the kernels its steps compiled. Inside an outer ``torch.compile``/``torch.export`` trace the eager
-   functions are traced (the outer compiler fuses them).
+   equal up to float rounding), while the evaluations inside a training run reuse the kernels its steps compiled.
+   Inside an outer ``torch.compile``/``torch.export`` trace the eager functions are traced (the outer compiler fuses
+   them).
 
 5. ``memory_efficient=True`` (``SphereTail.apply(..., save="output")``) saves the *output* instead of z: the
    backward inverts g to recover theta (cosine: c = g; linear: theta = (pi/2)(1 - g); sigmoid: t = g T,

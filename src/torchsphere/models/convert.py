@@ -7,9 +7,9 @@ SphereConv: Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03
 The replacement **shares** the original ``weight`` and ``bias`` ``nn.Parameter`` objects (no copy), so device,
 dtype, ``requires_grad`` and any optimizer built over the old parameters carry over; a learnable-sigmoid k is the
 only new parameter -- it is in no optimizer built before the conversion, and the converted model's state dict has
-``*.sigmoid_k_raw`` entries that the plain model's does not (a warning says so). Forward/backward hooks registered on a replaced
-layer are not carried over. A name or pattern in ``include`` / ``exclude`` that matches no layer is reported with a
-warning (a typo would otherwise convert what it meant to keep).
+``*.sigmoid_k_raw`` entries that the plain model's does not (a warning says so). Forward/backward hooks registered on
+a replaced layer are not carried over. A name or pattern in ``include`` / ``exclude`` that matches no layer is
+reported with a warning (a typo would otherwise convert what it meant to keep).
 """
 from __future__ import annotations
 
@@ -136,8 +136,9 @@ def convert_to_sphere(model: nn.Module, operator: str = "cosine", *, include: Se
             Default False.
 
     With ``operator="learnable_sigmoid"`` every converted layer gets a new parameter ``k``: build the optimizer
-    after the conversion (one built before misses k), and note that the state dict gains ``*.sigmoid_k_raw`` keys, so it loads
-    into the converted model, not into the plain one (:func:`revert_from_sphere` drops k). A warning says so.
+    after the conversion (one built before misses k), and note that the state dict gains ``*.sigmoid_k_raw`` keys,
+    so it loads into the converted model, not into the plain one (:func:`revert_from_sphere` drops k). A warning
+    says so.
 
     Returns:
         The converted model (the same object unless ``model`` itself was replaced).

@@ -2,7 +2,8 @@
 
 The architectures (:class:`~torchsphere.models.PlainNet`, :class:`~torchsphere.models.ResNet`) take layer *types*
 (``conv_layer``, ``norm_layer``, ``head_layer``); this module maps the closed vocabularies below onto them, so a
-SphereNet and its CNN baseline differ by one string (closed string choices mapped onto injected layer types, as timm's layer factories).
+SphereNet and its CNN baseline differ by one string (closed string choices mapped onto injected layer types, as
+timm's layer factories do).
 
 - operator: ``"conv"`` (a plain bias-free ``nn.Conv2d``, the CNN baseline) or a SphereConv operator ``"linear"``,
   ``"cosine"``, ``"sigmoid"``, ``"learnable_sigmoid"`` (Liu et al., *Deep Hyperspherical Learning*, NIPS 2017,

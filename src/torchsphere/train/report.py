@@ -189,7 +189,8 @@ def _batch(summary: dict[str, Any]) -> str:
 
 
 _LEGEND = (
-    "Mean ± sample std over seeds (one seed: no spread, marked \"(1 seed)\"). *final*: the last weights; *best-on-val*: the weights with the highest validation "
+    "Mean ± sample std over seeds (one seed: no spread, marked \"(1 seed)\"). *final*: the last weights; "
+    "*best-on-val*: the weights with the highest validation "
     "accuracy (validation split carved from the training set; the test set is never used for selection); *peak test "
     "(reported)*: the maximum of the test-accuracy curve, i.e. selected on the test set as the official SphereNet "
     "README's \"best\" — shown for comparison only; the test curve itself is recorded at each evaluation for the "

@@ -143,6 +143,7 @@ def banner(run: Any) -> str:
     from .builders import count_parameters
 
     cfg, data = run.config, run.data
+    threads = torch.get_num_threads()
     operator = cfg.operator or (getattr(run.raw_model, "default_cfg", {}) or {}).get("operator", "?")
     h, w = data.image_size
     action = f"resuming at step {run.state.step}/{run.total}" if run.state.step else f"training {run.total} steps"
@@ -152,4 +153,4 @@ def banner(run: Any) -> str:
             f"{data.val_y.numel():,} / test {data.test_y.numel():,} images of {data.in_channels}x{h}x{w}, "
             f"{data.num_classes} classes; augment {cfg.augment}\n"
             f"{action} of batch {cfg.batch_size} ({run.per_epoch} steps per epoch) on {run.device} "
-            f"(world size {run.info.world_size}, {torch.get_num_threads()} threads) -> {cfg.output}")
+            f"(world size {run.info.world_size}, {threads} thread{'s' if threads != 1 else ''}) -> {cfg.output}")

@@ -106,6 +106,15 @@ def test_config_yaml_records_the_augmentation_that_ran(finished_run, tmp_path):
     assert main(["train", "--output", str(old), "--resume"]) == 0
 
 
+def test_default_augment_table_agrees_with_what_the_datasets_return():
+    from torchsphere.data import build_dataset, default_augment
+
+    for name in ("synthetic", "digits"):
+        assert build_dataset(name).augment == default_augment(name)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        default_augment("imagenet")
+
+
 # ---------------------------------------------------------------- 3. user errors: a message and exit code 2
 @pytest.mark.parametrize(("extra", "message"), [
     (["--augment", "flipp"], "unknown augment 'flipp'; did you mean flip"),
@@ -327,12 +336,22 @@ def test_predict_reads_unit_floats_like_uint8_names_files_and_resizes(finished_r
 
 
 # ---------------------------------------------------------------- 12. inference does not wait for a compilation
-def test_fused_kernels_run_eagerly_under_no_grad_until_compiled(monkeypatch):
+def test_fused_kernels_run_eagerly_for_inference_until_compiled(monkeypatch):
     monkeypatch.setattr(fused, "_WARM", set())
+    monkeypatch.setattr(fused, "_COMPILED", {})
     big = fused.COMPILE_MIN_NUMEL
+    assert fused._kernel("forward", fused.tail_forward, big, inference=True) is fused.tail_forward
+    # training (an input requires grad; grad mode is off inside autograd.Function, so it cannot be the signal)
+    assert fused._kernel("forward", fused.tail_forward, big, inference=False) is not fused.tail_forward
+    monkeypatch.setattr(fused, "_WARM", {"forward"})  # once a training step compiled it, inference reuses it
+    assert fused._kernel("forward", fused.tail_forward, big, inference=True) is not fused.tail_forward
+
+
+def test_inference_forward_does_not_compile(monkeypatch):
+    monkeypatch.setattr(fused, "_WARM", set())
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    layer = SphereConv2d(2, 3, 3, padding=1, memory_efficient=True)
     with torch.no_grad():
-        assert fused._kernel("forward", fused.tail_forward, big) is fused.tail_forward
-    monkeypatch.setattr(fused, "_WARM", {"forward"})
-    if not fused._COMPILED.get("failed"):
-        with torch.no_grad():
-            assert fused._kernel("forward", fused.tail_forward, big) is not fused.tail_forward
+        out = layer(torch.randn(2, 2, 5, 5))
+    assert fused._COMPILED == {} and out.shape == (2, 3, 5, 5)  # nothing was handed to torch.compile

@@ -49,14 +49,27 @@ class _Raw:
 
 
 _DATASETS: dict[str, Callable[..., _Raw]] = {}
+# the augmentation each dataset trains with when TrainConfig.augment is None (see the module docstring)
+DEFAULT_AUGMENTS: dict[str, str] = {"fashion-mnist": "flip", "mnist": "none", "cifar10": "flip",
+                                    "cifar100": "cifar10+", "digits": "none", "imagefolder": "flip",
+                                    "synthetic": "none"}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., _Raw]], Callable[..., _Raw]]:
-    """Decorator adding a dataset entrypoint ``fn(data_dir, **options) -> _Raw``; duplicate names raise."""
+def register_dataset(name: str, *,
+                     augment: str | None = None) -> Callable[[Callable[..., _Raw]], Callable[..., _Raw]]:
+    """Decorator adding a dataset entrypoint ``fn(data_dir, **options) -> _Raw``; duplicate names raise.
+
+    Args:
+        name: the registry name.
+        augment: the dataset's default augmentation, recorded in :data:`DEFAULT_AUGMENTS` (what ``augment=None``
+            trains with; the entry's ``_Raw.augment`` should agree). None: keep the table's entry, else ``"none"``.
+    """
     def deco(fn: Callable[..., _Raw]) -> Callable[..., _Raw]:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
         _DATASETS[name] = fn
+        if augment is not None:
+            DEFAULT_AUGMENTS[name] = augment
         return fn
     return deco
 
@@ -64,12 +77,6 @@ def register_dataset(name: str) -> Callable[[Callable[..., _Raw]], Callable[...,
 def list_datasets() -> list[str]:
     """Names accepted by :func:`build_dataset`."""
     return list(_DATASETS)
-
-
-# the augmentation each dataset trains with when TrainConfig.augment is None (see the module docstring)
-DEFAULT_AUGMENTS: dict[str, str] = {"fashion-mnist": "flip", "mnist": "none", "cifar10": "flip",
-                                    "cifar100": "cifar10+", "digits": "none", "imagefolder": "flip",
-                                    "synthetic": "none"}
 
 
 def default_augment(name: str) -> str:

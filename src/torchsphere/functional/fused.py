@@ -29,9 +29,10 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
-   compiler is never required for correctness. Inference does not pay the compile: under ``torch.no_grad()`` /
-   ``torch.inference_mode()`` a kernel that this process has not compiled yet runs eagerly (the same functions,
-   equal up to float rounding), while the evaluations inside a training run reuse the kernels its steps compiled.
+   compiler is never required for correctness. Inference does not pay the compile: when no input requires a gradient
+   (``torch.no_grad()``, ``torch.inference_mode()``, a frozen model) a kernel that this process has not compiled yet
+   runs eagerly (the same functions, equal up to float rounding), while the evaluations inside a training run reuse
+   the kernels its steps compiled.
    Inside an outer ``torch.compile``/``torch.export`` trace the eager functions are traced (the outer compiler fuses
    them).
 
@@ -249,11 +250,16 @@ _COMPILED: dict[str, Callable] = {}
 _WARM: set[str] = set()  # kernels that have compiled and run in this process
 
 
-def _kernel(name: str, fn: Callable, numel: int) -> Callable:
-    """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring)."""
+def _kernel(name: str, fn: Callable, numel: int, inference: bool = False) -> Callable:
+    """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring).
+
+    ``inference``: no input requires a gradient (``torch.no_grad()``, a frozen model); then a kernel that has not
+    been compiled in this process runs eagerly instead of waiting for its compilation. (Grad mode itself cannot
+    tell: it is always off inside an ``autograd.Function``'s forward and backward.)
+    """
     if numel < COMPILE_MIN_NUMEL or torch.compiler.is_compiling() or _COMPILED.get("failed"):
         return fn
-    if not torch.is_grad_enabled() and name not in _WARM:  # inference: never wait for a first compilation
+    if inference and name not in _WARM:  # inference: never wait for a first compilation
         return fn
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -298,9 +304,10 @@ class SphereTail(torch.autograd.Function):
     @staticmethod
     def forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str,
                 save: str) -> Tensor:
+        inference = not any(isinstance(t, Tensor) and t.requires_grad for t in (z, r, k, bias))
         if check_choice("save", save, SAVES) == "output-inplace":
-            return _kernel("forward_inplace", tail_forward_inplace, z.numel())(z, r, k, bias, operator)
-        return _kernel("forward", tail_forward, z.numel())(z, r, k, bias, operator)
+            return _kernel("forward_inplace", tail_forward_inplace, z.numel(), inference)(z, r, k, bias, operator)
+        return _kernel("forward", tail_forward, z.numel(), inference)(z, r, k, bias, operator)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -364,7 +371,7 @@ class ChannelSquareSum(torch.autograd.Function):
 
     @staticmethod
     def forward(input: Tensor, groups: int) -> Tensor:
-        return _kernel("square_sum", channel_square_sum, input.numel())(input, groups)
+        return _kernel("square_sum", channel_square_sum, input.numel(), not input.requires_grad)(input, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -1,4 +1,4 @@
-"""Forward+backward time of SphereConv2d against nn.Conv2d of the same shape (issue 2).
+"""Forward+backward time of SphereConv2d against nn.Conv2d of the same shape (docs/benchmarks.md).
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). For each (batch, C_in, H=W, C_out) with
 3x3 kernels and padding 1, one process builds ``nn.Conv2d`` (no bias), ``SphereConv2d`` for every operator (same
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         "3x3 kernels, padding 1, float32, no bias; gradients for input and weight. Candidates run interleaved in a "
         f"rotated order for {rounds} rounds after one warm-up step; the ratio is the median over rounds of the "
         "candidate's time over nn.Conv2d's time in the same round. SphereConv2d uses its default path. Target "
-        "(issue 2): SphereConv2d <= 1.10x nn.Conv2d.",
+        "(the project's speed target): SphereConv2d <= 1.10x nn.Conv2d.",
         "",
         *lines,
     ])

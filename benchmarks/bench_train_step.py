@@ -1,4 +1,4 @@
-"""Training-step time and peak memory of SphereNet-9 against its CNN-9 twin (issue 8).
+"""Training-step time and peak memory of SphereNet-9 against its CNN-9 twin (docs/benchmarks.md).
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). One step = forward, cross-entropy,
 backward, Adam step, batch 128, for the plain 9-layer net (``create_model("cnn9"/"spherenet9")``) at width
@@ -6,7 +6,7 @@ multipliers 0.25, 0.5 and 1.0, i.e. stage widths (32, 48, 64), (64, 96, 128) and
 28x28x1 and 32x32x3 inputs. Every sphere operator runs in three variants: as the models build it (the fused path,
 ``memory_efficient=True``: the output is saved and written over the convolution's buffer), the fused path saving
 z (``memory_efficient=False``, the layers' default), and the eager reference composition (``impl="reference"``,
-"before issue 8"; only up to ``--reference-max-width``, it is slow).
+the path before the fused one; only up to ``--reference-max-width``, it is slow).
 
 Time: all models of one (width, input) run interleaved in one process (one step of each in turn, the order
 rotated every round), after a warm-up step; the figure is the median over the measured rounds. Memory: a fresh
@@ -233,7 +233,8 @@ def main() -> None:
             "blocks above 64 KiB mmap-ed so that freed tensors leave the RSS). Variants: the operator's name alone "
             "= the model as `create_model` builds it (fused path, `memory_efficient=True`: the output is saved and "
             "written over the convolution's buffer); `save-z` = the fused path saving z (the layers' default, "
-            "`memory_efficient=False`); `reference` = the eager composition (before issue 8; up to width "
+            "`memory_efficient=False`); `reference` = the eager composition (the path before the fused one; up to "
+            "width "
             f"multiplier {args.reference_max_width}). Targets: time <= 1.10x, memory <= 1.3x the CNN.", ""]
     rows = ["| width | input | variant | step (ms) | time / CNN | step peak (MiB) | memory / CNN |",
             "|---|---|---|---:|---:|---:|---:|"]

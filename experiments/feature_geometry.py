@@ -1,7 +1,7 @@
 """Experiment 6: draws the 2-D test-set features of CNN-9 and SphereNet-9 and measures their geometry.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189): the official README's MNIST figure
-(``asserts/MNIST_featvis.jpg``, spherenet.md §8.3) shows CNN features spread in radial streaks from the origin and
+(``asserts/MNIST_featvis.jpg`` in wy1iu/SphereNet) shows CNN features spread in radial streaks from the origin and
 SphereNet features in compact angular clusters. This script loads the finished runs of
 ``e6_feature_geometry.yaml`` (feature_dim 2: fc6 outputs the 2-D feature fed to the classifier), computes the
 features of the test split (final weights) and writes into the experiment folder:

@@ -68,7 +68,9 @@ def reach(result: ConfigResult, threshold: float) -> tuple[float, int]:
 
 def pct(mean_and_std: tuple[float, float]) -> str:
     mean, std = mean_and_std
-    return "—" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    if math.isnan(mean):
+        return "—"
+    return f"{100 * mean:.2f} (1 seed)" if math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def verdict(a: ConfigResult, b: ConfigResult) -> str:
@@ -129,8 +131,9 @@ def section_e1(exp: Loaded, images: Path) -> list[str]:
     out += ["", "### E2: convergence curves", ""]
     out += [f"![E1/E2 convergence]({image})" if image else "(convergence plot missing)", "",
             "Test accuracy (reported curve) and training loss against steps, mean over seeds with a ±1 std band. "
-            "The paper's central claim is faster convergence of the SphereNets (spherenet.md §8.2: on CIFAR-10 the "
-            "official SphereNet-9 runs reach 80% at 3.0k-4.5k iterations, the CNN-9 at 11.5k)."]
+            "The paper's central claim is faster convergence of the SphereNets (Liu et al., NIPS 2017; in the "
+            "official wy1iu/SphereNet CIFAR-10 logs the SphereNet-9 runs reach 80% at 3.0k-4.5k iterations, the "
+            "CNN-9 at 11.5k)."]
     return out
 
 
@@ -218,7 +221,7 @@ def section_e6(exp: Loaded, images: Path) -> list[str]:
 
 def pct_plain(values: list[float]) -> str:
     mean, std = mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f} (1 seed)" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 TWINS = {  # experiment -> function(config name) -> name of its CNN twin (same settings, plain convolutions)
@@ -268,11 +271,15 @@ def plot_lines(path: Path, title: str, xlabel: str, lines: dict[str, list[tuple[
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for label, points in lines.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(lines) > len(colors):
+        colors = list(plt.get_cmap("tab20").colors)
+    styles = [(c, ls, mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^")) for c in colors]  # no shared colour
+    for (label, points), (color, linestyle, marker) in zip(lines.items(), styles * (1 + len(lines) // len(styles))):
         xs = [x for x, _ in points]
         stats = [final_acc(r) for _, r in points]
-        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
-                    label=label)
+        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
+                    color=color, ls=linestyle, marker=marker, capsize=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=xlabel, ylabel="final test accuracy (%)")

@@ -1,4 +1,4 @@
-"""Runs the reproduction experiments of issue 7 and regenerates ``docs/results.md`` from their run folders.
+"""Runs the reproduction experiments (experiments/README.md) and regenerates ``docs/results.md`` from their run folders.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189); Liu et al., *Learning towards Minimum
 Hyperspherical Energy*, NeurIPS 2018 (arXiv 1805.09298). Each experiment is a ``torchsphere compare`` spec in this
@@ -109,20 +109,22 @@ def configs_of(experiment: Experiment, output: Path, quick: bool, data_dir: str 
 def run_state(config) -> str:
     """``"done"`` (summary written, same configuration), ``"partial"`` (started, same configuration), ``"new"``;
     raises ValueError when the folder holds a run with another configuration."""
+    from torchsphere.train.checkpoint import STATE_FILE
     from torchsphere.train.config import TrainConfig
     from torchsphere.train.loop import CONFIG_FILE, RESUME_FREE
     from torchsphere.train.metrics import SUMMARY_FILE
+    from torchsphere.train.preflight import config_diff
 
     out = Path(config.output)
     if not (out / CONFIG_FILE).is_file():
         return "new"
-    saved = TrainConfig.from_yaml(out / CONFIG_FILE).to_dict()
-    now = config.to_dict()
-    diff = sorted(k for k in now if k not in RESUME_FREE and now[k] != saved.get(k))
+    diff = config_diff(config, TrainConfig.from_yaml(out / CONFIG_FILE).to_dict(), RESUME_FREE)
     if diff:
-        raise ValueError(f"{str(out)!r} holds a run with another configuration (fields {diff}); remove it or use "
-                         f"another --output")
-    return "done" if (out / SUMMARY_FILE).is_file() else "partial"
+        raise ValueError(f"{str(out)!r} holds a run with another configuration ({', '.join(diff)}); remove it or "
+                         f"use another --output")
+    if (out / SUMMARY_FILE).is_file():
+        return "done"
+    return "partial" if (out / STATE_FILE).is_file() else "new"  # stopped before its first checkpoint: start again
 
 
 def _train_one(config) -> str:

@@ -106,9 +106,11 @@ def test_train_evaluate_predict(tmp_path, capsys):
     assert main(["predict", str(run), str(tmp_path / "raw.npy"), str(tmp_path / "norm.pt"), "--top-k", "2",
                  "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out)
-    assert len(predictions) == 5 and all(len(p) == 2 for p in predictions)
-    assert all(p[0]["probability"] >= p[1]["probability"] and p[0]["class"].startswith("pattern_")
-               for p in predictions)
+    assert len(predictions) == 5 and all(len(p["top"]) == 2 for p in predictions)
+    assert all(p["top"][0]["probability"] >= p["top"][1]["probability"]
+               and p["top"][0]["class"].startswith("pattern_") for p in predictions)
+    assert [p["input"] for p in predictions] == [f"{tmp_path / 'raw.npy'}[{i}]" for i in range(3)] + [
+        f"{tmp_path / 'norm.pt'}[{i}]" for i in range(2)]
     np.save(tmp_path / "wrong.npy", np.zeros((2, 9, 9), dtype=np.uint8))
     assert exit_code(["predict", str(run), str(tmp_path / "wrong.npy")]) == 2
     assert "expected images of 1 channel(s) and size (8, 8)" in capsys.readouterr().err
@@ -116,12 +118,13 @@ def test_train_evaluate_predict(tmp_path, capsys):
 
 def test_compare_writes_report_and_reuses_finished_runs(tmp_path, capsys):
     argv = ["compare", "--models", "cnn9,spherenet9", "--operators", "linear", "--seeds", "2", "--thresholds",
-            "0.3", *TINY, "--steps", "6", "--eval-every", "3", "--output", str(tmp_path / "cmp")]
+            "0.3", *TINY[2:], "--steps", "6", "--eval-every", "3", "--output", str(tmp_path / "cmp")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| cnn9 " in out and "| spherenet9-linear " in out and "steps to 30%" in out
     assert (tmp_path / "cmp" / "report.md").is_file() and (tmp_path / "cmp" / "convergence.png").is_file()
     assert read_summary(tmp_path / "cmp" / "runs" / "spherenet9-linear" / "seed_1" / "summary.json")["seed"] == 1
+    assert read_summary(tmp_path / "cmp" / "runs" / "cnn9" / "seed_0" / "summary.json")["model"] == "cnn9"
     assert main(argv) == 0
     assert capsys.readouterr().out.count("finished earlier, reused") == 4
 

@@ -130,8 +130,12 @@ def test_idx_lookup_order(tmp_path, monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, str(tmp_path / "env"))  # a subfolder named like the dataset is searched
     assert build_dataset("fashion-mnist").source == str(tmp_path / "env" / "fashion-mnist")
     assert build_dataset("fashion-mnist", tmp_path / "given").source == str(tmp_path / "given")
-    # a data_dir without the files falls through to the next places
-    assert build_dataset("fashion-mnist", tmp_path / "empty").source == str(tmp_path / "env" / "fashion-mnist")
+    # an explicit data_dir without the files is an error naming it, not a silent read of another folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"(?s)Looked in:\n  - .*empty\n.*searched alone") as info:
+        build_dataset("fashion-mnist", tmp_path / "empty")
+    looked = str(info.value).split("Looked in:")[1].split("(pass data_dir")[0]
+    assert str(tmp_path / "env") not in looked and str(tmp_path / "system") not in looked
 
 
 def test_missing_fashion_mnist_lists_every_place_and_the_package(tmp_path, monkeypatch):
@@ -142,8 +146,12 @@ def test_missing_fashion_mnist_lists_every_place_and_the_package(tmp_path, monke
     with pytest.raises(DatasetNotFoundError) as info:
         build_dataset("fashion-mnist", tmp_path / "given")
     msg = str(info.value)
-    for place in ("given", "given/fashion-mnist", "env", "env/fashion-mnist", "system"):
+    for place in ("given", "given/fashion-mnist"):
         assert str(tmp_path / place) in msg
+    with pytest.raises(DatasetNotFoundError) as info:  # without data_dir: the environment folder, then the system
+        build_dataset("fashion-mnist")
+    for place in ("env", "env/fashion-mnist", "system"):
+        assert str(tmp_path / place) in str(info.value)
     assert "apt-get install dataset-fashion-mnist" in msg and "TORCHSPHERE_DATA" in msg
     assert isinstance(info.value, FileNotFoundError)
 

@@ -174,7 +174,8 @@ def test_he_normal_init_and_bn_init():
 # ---------------------------------------------------------------------------------- layer choices
 @pytest.mark.parametrize("operator", CONV_CHOICES)
 def test_operator_choice_reaches_every_conv(operator):
-    model = create_model("cnn9", **_small("cnn9", operator=operator))
+    family = "cnn9" if operator == "conv" else "spherenet9"  # a plain baseline refuses a sphere operator
+    model = create_model(family, **_small(family, operator=operator))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if operator == "conv":
         assert all(type(m) is nn.Conv2d for m in convs)
@@ -299,7 +300,7 @@ def test_export_matches_eager():
     ({"margin": 2.0}, ValueError, "margin applies only to the angular heads.*head='softmax'"),
     ({"head_operator": "linear"}, ValueError, "head_operator applies only"),
     ({"head": "wsoftmax", "head_operator": "cos"}, ValueError, "unknown sphere operator 'cos'"),
-    ({"operator": "conv", "norm": "spherenorm"}, ValueError, "needs a sphere operator.*got operator='conv'"),
+    ({"operator": "conv"}, ValueError, "spherenet9 is a sphere model; operator='conv' would turn it into a plain"),
     ({"sigmoid_k": 0.5}, ValueError, "sigmoid_k applies only.*operator='cosine'"),
     ({"bn_eps": 0.0}, ValueError, "bn_eps must be a finite number > 0; got 0.0"),
     ({"bn_momentum": 1.5}, ValueError, r"bn_momentum must be in \(0, 1\]; got 1.5"),
@@ -319,6 +320,11 @@ def test_export_matches_eager():
 def test_bad_overrides(overrides, exc, match):
     with pytest.raises(exc, match=match):
         create_model("spherenet9", **{"width_mult": 0.05, **overrides})
+
+
+def test_a_plain_net_refuses_spherenorm():
+    with pytest.raises(ValueError, match="needs a sphere operator.*got operator='conv'"):
+        create_model("cnn9", width_mult=0.05, norm="spherenorm")
 
 
 def test_bad_resnet_overrides_and_inputs():

@@ -52,7 +52,8 @@ def test_metrics_csv_round_trip_is_exact(tmp_path):
 
 def test_mean_std_and_steps_to_reach():
     assert mean_std([0.8, 0.82]) == pytest.approx((0.81, statistics.stdev([0.8, 0.82])))
-    assert mean_std([0.5]) == (0.5, 0.0)
+    mean, std = mean_std([0.5])
+    assert mean == 0.5 and math.isnan(std)  # one seed: the spread is undefined, not zero
     assert all(math.isnan(v) for v in mean_std([math.nan]))
     rows = [dict(step=1, test_acc=0.5), dict(step=2, test_acc=0.9), dict(step=3, test_acc=0.95)]
     assert steps_to_reach(rows, 0.9) == 2 and steps_to_reach(rows, 0.99) is None
@@ -108,3 +109,21 @@ def test_spec_from_models_and_bad_specs(tmp_path):
         CompareSpec.from_dict({"runs": [{"name": "a"}], "epoch": 3})
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         load_spec("nope")
+
+
+def test_report_states_the_measured_outcome(results, tmp_path):
+    from torchsphere.train.report import outcome_lines
+
+    lines = outcome_lines(results, [0.8, 0.85])
+    assert lines[0] == "**Outcome against cnn:**"
+    assert "- 80% (baseline at step 300): fewer steps: sphere" in lines
+    assert "- 85%: cnn never reaches it; reached by sphere" in lines
+    assert lines[-1] == "- final test accuracy: higher: sphere"  # 88 ± 2.8 vs 81 ± 1.4: beyond the spread
+    write_report(results, tmp_path / "r", [0.8])
+    assert "fewer steps: sphere" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_one_seed_marks_the_spread_as_undefined(results):
+    one = [ConfigResult(r.name, r.summaries[:1], r.curves[:1]) for r in results]
+    header, cnn, sphere = table_rows(one, [0.8])
+    assert cnn[2] == "80.00 (1 seed)" and "±" not in " ".join(cnn + sphere)

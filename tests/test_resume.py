@@ -102,6 +102,6 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
         train(config.replace(resume=True, lr=0.02))
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    summary = train(tiny(tmp_path / "run", steps=6, eval_every=6, resume=True))
-    assert summary["steps"] == 6
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--resume: run folder .* holds no checkpoint .*nothing to resume"):
+        train(tiny(tmp_path / "run", steps=6, eval_every=6, resume=True))

@@ -1,9 +1,11 @@
 """The ``torchsphere`` command line: ``train``, ``compare``, ``evaluate``, ``predict``. Parsing and calls only.
 
-Two-stage configuration (timm style, STYLE practice 15): ``--config file.yaml`` sets :class:`TrainConfig` defaults,
-flags override them, and the resolved configuration is saved as ``config.yaml`` in the run folder. Bad arguments
-(unknown model, dataset or operator, a negative learning rate, a missing data directory, ...) print a message and exit
-with code 2. See docs/training.md.
+Two-stage configuration (as timm's ``train.py``): ``--config file.yaml`` sets :class:`TrainConfig` defaults, flags
+override them, and the resolved configuration is saved as ``config.yaml`` in the run folder; ``--output DIR --resume``
+starts from ``DIR/config.yaml`` instead. Bad arguments (unknown model, dataset or operator, a negative learning rate,
+a missing dataset, a flag the configuration would ignore, ...) print a message and exit with code 2, before
+anything trains. SIGINT / SIGTERM stop a run with a checkpoint, print the resume command and exit with 130 / 143.
+See docs/training.md.
 """
 from __future__ import annotations
 
@@ -124,8 +126,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
 
     g = parser.add_argument_group("budget and optimization")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=_POS_INT, default=S, metavar="N", help="training epochs")
-    budget.add_argument("--steps", type=_POS_INT, default=S, metavar="N", help="training steps (official: 64000)")
+    budget.add_argument("--epochs", type=_POS_INT, default=S, metavar="N",
+                        help="training epochs (a budget is required: --epochs or --steps)")
+    budget.add_argument("--steps", type=_POS_INT, default=S, metavar="N",
+                        help="training steps (official: 64000; a budget is required: --steps or --epochs)")
     g.add_argument("--batch-size", type=_POS_INT, default=S, metavar="N",
                    help=f"global batch size, split over DDP ranks {d('batch_size')}")
     g.add_argument("--optimizer", default=S, choices=OPTIMIZERS, help=f"{d('optimizer')}")
@@ -171,7 +175,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
     _flag(g, "--sync-bn", "SyncBatchNorm under DDP")
     g.add_argument("--quiet", action="store_true", default=S, help="log lines instead of a progress bar")
     if not for_compare:
-        _flag(g, "--resume", "continue the run in --output from its checkpoint")
+        _flag(g, "--resume", "continue the run in --output from its checkpoint; its config.yaml supplies every "
+              "setting, flags given with it may change only --device, --threads, --quiet, --data-dir, "
+              "--eval-batch-size, --checkpoint-every")
         parser.add_argument("--config", metavar="YAML", help="YAML file of TrainConfig fields used as defaults")
         parser.add_argument("--list-models", action="store_true", help="print the registered models and exit")
 
@@ -215,11 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("predict", help="classify images with a saved run", description="Top-k classes of images: "
-                       ".npy/.pt arrays (integer = raw 0..255 pixels, float = already normalized) or image files.")
+                       ".npy/.pt arrays or image files; one line per image, named by its file (and [i] within an "
+                       "array).")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--weights", choices=("final", "best"), default="final", help="(default: final)")
     p.add_argument("--top-k", type=_POS_INT, default=1, help="(default: 1)")
+    p.add_argument("--pixels", choices=("auto", "raw", "unit", "normalized"), default="auto",
+                   help="array values: raw 0..255, unit 0..1 (ToTensor), normalized (x - 127.5) / 128; auto: integer "
+                   "arrays raw, float arrays within [0, 1] unit, other floats normalized (default: auto; image files "
+                   "are always raw)")
+    p.add_argument("--resize", action="store_true", help="resize images of another size to the model's input size "
+                   "(bilinear, antialiased) instead of refusing them")
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     for name, subparser in sub.choices.items():
@@ -227,25 +240,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "_parser", "config", "list_models", "preset", "models", "operators", "seeds", "thresholds"}
+_NOT_CONFIG = {"command", "_parser", "_argv", "config", "list_models", "preset", "models", "operators", "seeds",
+               "thresholds"}
+# errors of a configuration found while a run is set up (before its first step): a message and exit code 2
+SETUP_ERRORS = (ValueError, TypeError, OSError)
 
 
 def train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
-    """YAML defaults (``--config``) overridden by the flags given; validated, errors via ``parser.error``."""
+    """YAML defaults (``--config``) overridden by the flags given; validated, errors via ``parser.error``.
+
+    With ``--resume`` the run folder's own ``config.yaml`` comes first, so ``--output DIR --resume`` alone resumes
+    a run; what is given besides overrides it (and the resume refuses changes to the run itself).
+    """
+    from .train.preflight import check_given
+
     values: dict[str, Any] = {}
-    if getattr(args, "config", None):
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if "output" not in flags:
+        parser.error("the following arguments are required: --output")
+    saved = os.path.join(flags["output"], "config.yaml")
+    if flags.get("resume") and os.path.isfile(saved):
         try:
-            values.update(load_yaml(args.config))
+            values.update(load_yaml(saved))
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
-    values.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-    if "output" not in values:
-        parser.error("the following arguments are required: --output")
+    given: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            given.update(load_yaml(args.config))
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+    given.update(flags)
+    values.update(given)
     check_names(values, parser)
     try:
-        return TrainConfig.from_dict(values)
+        config = TrainConfig.from_dict(values)
+        check_given(given, config)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
+    return config
 
 
 def check_names(values: dict[str, Any], parser: argparse.ArgumentParser) -> None:
@@ -268,7 +301,9 @@ def check_names(values: dict[str, Any], parser: argparse.ArgumentParser) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     command = {"train": _train, "compare": _compare, "evaluate": _evaluate, "predict": _predict}[args.command]
     return command(args, args._parser)
@@ -280,9 +315,20 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         print("\n".join(list_models()))
         return 0
-    from .train import train
+    from .train.interrupt import TrainingInterrupted
+    from .train.loop import setup, torch_threads, train_run
 
-    train(train_config(args, parser))
+    config = train_config(args, parser)
+    with torch_threads(config.threads):
+        try:
+            run = setup(config)  # every configuration error surfaces here, before the first step
+        except SETUP_ERRORS as exc:
+            parser.error(str(exc))
+        try:
+            train_run(run)
+        except TrainingInterrupted as exc:
+            print(f"\n{exc.message}", file=sys.stderr)
+            return exc.exit_code
     return 0
 
 
@@ -310,18 +356,34 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         elif args.models:
             for model in args.models:
                 check_names({"model": model}, parser)
+            if "operator" in overrides:
+                parser.error(f"--operator {overrides['operator']!r} would set the operator of every configuration "
+                             f"({', '.join(args.models)}); use --operators OP1,OP2 to give the sphere models one "
+                             f"configuration per operator (plain models stay plain)")
             for op in args.operators or []:
                 if op not in OPERATORS:
                     parser.error(f"unknown operator {op!r}; choose from {list(OPERATORS)}")
             spec = spec_from_models(args.models, args.operators, args.seeds or 1, {}, thresholds or [0.8, 0.9])
         else:
             parser.error("give --preset NAME or --models M1,M2")
-        from .train.compare import run_configs
+        from .train.compare import check_folders, run_configs
 
-        run_configs(spec, args.output, overrides)  # validates every configuration before any training
+        check_folders(run_configs(spec, args.output, overrides))  # every configuration, before any training
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    table = compare(spec, args.output, overrides, quiet=quiet)
+    from .train.interrupt import TrainingInterrupted
+
+    try:
+        table = compare(spec, args.output, overrides, quiet=quiet)
+    except TrainingInterrupted as exc:
+        import shlex
+
+        print(f"\ninterrupted by {exc.signal_name} at step {exc.step}/{exc.total} of {exc.output} (checkpoint "
+              f"saved); finished runs are kept. Resume the comparison with the same command:\n  "
+              f"{shlex.join(['torchsphere', *args._argv])}", file=sys.stderr)
+        return exc.exit_code
+    except FileNotFoundError as exc:  # the dataset is missing and the preset has no fallback
+        parser.error(str(exc))
     print(table)
     print(f"report: {os.path.join(args.output, 'report.md')}  plot: {os.path.join(args.output, 'convergence.png')}")
     return 0
@@ -332,10 +394,12 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir!r} is not a directory")
+    if args.device == "cuda":
+        _check_cuda(parser)
     try:
         result = evaluate_run(args.run_dir, args.weights, split=args.split, data_dir=args.data_dir, device=args.device,
                               precise_bn=args.precise_bn)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         parser.error(str(exc))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -346,18 +410,29 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .train import predict
+    from .train.inference import predict_files
 
+    if args.device == "cuda":
+        _check_cuda(parser)
     try:
-        results = predict(args.run_dir, args.inputs, weights=args.weights, top_k=args.top_k, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
+        results = predict_files(args.run_dir, args.inputs, weights=args.weights, top_k=args.top_k,
+                                device=args.device, pixels=args.pixels, resize=args.resize)
+    except (OSError, ValueError, TypeError) as exc:
         parser.error(str(exc))
     if args.json:
-        print(json.dumps([[{"index": i, "class": c, "probability": p} for i, c, p in r] for r in results], indent=2))
+        print(json.dumps([{"input": r["input"], "top": [{"index": i, "class": c, "probability": p}
+                                                         for i, c, p in r["top"]]} for r in results], indent=2))
     else:
-        for n, result in enumerate(results):
-            print(f"{n}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in result))
+        for r in results:
+            print(f"{r['input']}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in r["top"]))
     return 0
+
+
+def _check_cuda(parser: argparse.ArgumentParser) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,15 +11,17 @@ from .cifar import read_cifar10, read_cifar100
 from .digits import read_digits
 from .folder import read_image_folder
 from .idx import read_idx, read_mnist_split
-from .registry import build_dataset, list_datasets, register_dataset
+from .registry import DEFAULT_AUGMENTS, build_dataset, default_augment, list_datasets, register_dataset
 from .splits import DatasetNotFoundError, DatasetSplits, normalize_pixels, stratified_split
 
 __all__ = [
+    "DEFAULT_AUGMENTS",
     "Augment",
     "DatasetNotFoundError",
     "DatasetSplits",
     "build_dataset",
     "crop_flip",
+    "default_augment",
     "list_augments",
     "list_datasets",
     "make_augment",

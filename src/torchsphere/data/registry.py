@@ -1,9 +1,15 @@
 """``build_dataset``: the dataset registry, the file lookup and the synthetic smoke-test set. Nothing downloads.
 
-Lookup order for file-based datasets: ``data_dir`` (and subfolders named like the dataset), then ``$TORCHSPHERE_DATA``
-(likewise), then system folders (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST, from the Debian package
-``dataset-fashion-mnist``). A miss raises :class:`DatasetNotFoundError` listing every place searched and how to get
-the files.
+Lookup for file-based datasets: an explicit ``data_dir`` is searched alone (it and its subfolders named like the
+dataset: asking for a folder and silently reading another would hide a mistake). Without one: ``$TORCHSPHERE_DATA``
+(and its subfolders named like the dataset), then system folders (``/usr/share/datasets/fashion-mnist`` for
+Fashion-MNIST, from the Debian package ``dataset-fashion-mnist``). A miss raises :class:`DatasetNotFoundError` listing
+every place searched and how to get the files.
+
+Each dataset has a default batch augmentation (:data:`DEFAULT_AUGMENTS`): Fashion-MNIST, CIFAR-10 and image folders
+a random horizontal flip, CIFAR-100 the ``cifar10+`` crop-and-flip recipe of the MHE code, MNIST, digits and
+synthetic none. ``TrainConfig(augment=None)`` means this default, and the run's ``config.yaml`` records the name that
+actually ran.
 """
 from __future__ import annotations
 
@@ -43,14 +49,27 @@ class _Raw:
 
 
 _DATASETS: dict[str, Callable[..., _Raw]] = {}
+# the augmentation each dataset trains with when TrainConfig.augment is None (see the module docstring)
+DEFAULT_AUGMENTS: dict[str, str] = {"fashion-mnist": "flip", "mnist": "none", "cifar10": "flip",
+                                    "cifar100": "cifar10+", "digits": "none", "imagefolder": "flip",
+                                    "synthetic": "none"}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., _Raw]], Callable[..., _Raw]]:
-    """Decorator adding a dataset entrypoint ``fn(data_dir, **options) -> _Raw``; duplicate names raise."""
+def register_dataset(name: str, *,
+                     augment: str | None = None) -> Callable[[Callable[..., _Raw]], Callable[..., _Raw]]:
+    """Decorator adding a dataset entrypoint ``fn(data_dir, **options) -> _Raw``; duplicate names raise.
+
+    Args:
+        name: the registry name.
+        augment: the dataset's default augmentation, recorded in :data:`DEFAULT_AUGMENTS` (what ``augment=None``
+            trains with; the entry's ``_Raw.augment`` should agree). None: keep the table's entry, else ``"none"``.
+    """
     def deco(fn: Callable[..., _Raw]) -> Callable[..., _Raw]:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
         _DATASETS[name] = fn
+        if augment is not None:
+            DEFAULT_AUGMENTS[name] = augment
         return fn
     return deco
 
@@ -60,13 +79,21 @@ def list_datasets() -> list[str]:
     return list(_DATASETS)
 
 
+def default_augment(name: str) -> str:
+    """The augmentation dataset ``name`` trains with by default (``"none"`` for a dataset registered without one)."""
+    if not isinstance(name, str) or name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {list_datasets()}")
+    return DEFAULT_AUGMENTS.get(name, "none")
+
+
 def candidate_dirs(data_dir: str | os.PathLike | None, subfolders: tuple[str, ...],
                    system: tuple[str, ...] = ()) -> list[Path]:
-    """Folders to search, in order: ``data_dir``, its ``subfolders``, ``$TORCHSPHERE_DATA``, its subfolders, then
-    ``system``."""
-    roots = [Path(data_dir).expanduser()] if data_dir is not None else []
-    if os.environ.get(ENV_VAR):
-        roots.append(Path(os.environ[ENV_VAR]).expanduser())
+    """Folders to search, in order: ``data_dir`` and its ``subfolders`` alone when ``data_dir`` is given; else
+    ``$TORCHSPHERE_DATA``, its subfolders, then ``system``."""
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        return [root, *(root / s for s in subfolders)]
+    roots = [Path(os.environ[ENV_VAR]).expanduser()] if os.environ.get(ENV_VAR) else []
     dirs = [d for root in roots for d in (root, *(root / s for s in subfolders))]
     return dirs + [Path(s) for s in system]
 
@@ -79,7 +106,7 @@ def _locate(name: str, dirs: list[Path], found: Callable[[Path], bool], how: str
         f"  (nowhere: no data_dir was given and ${ENV_VAR} is not set)"
     raise DatasetNotFoundError(
         f"dataset {name!r} not found. Looked in:\n{looked}\n"
-        f"(pass data_dir / --data-dir, or set ${ENV_VAR}). To get it: {how}")
+        f"(pass data_dir / --data-dir, or set ${ENV_VAR}; a data_dir given is searched alone). To get it: {how}")
 
 
 def _mnist_like(name: str, data_dir, subfolders: tuple[str, ...], system: tuple[str, ...], how: str,
@@ -98,14 +125,15 @@ def _fashion_mnist(data_dir) -> _Raw:
            "https://github.com/zalandoresearch/fashion-mnist into one of the folders above")
     subfolders = ("fashion-mnist", "fashion_mnist", "FashionMNIST", "FashionMNIST/raw")
     return _mnist_like("fashion-mnist", data_dir, subfolders, (FASHION_MNIST_SYSTEM_DIR,), how, FASHION_MNIST_CLASSES,
-                       "flip")
+                       DEFAULT_AUGMENTS["fashion-mnist"])
 
 
 @register_dataset("mnist")
 def _mnist(data_dir) -> _Raw:
     how = ("copy train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
            "(.gz or not) from the MNIST database (http://yann.lecun.com/exdb/mnist/) into one of the folders above")
-    return _mnist_like("mnist", data_dir, ("mnist", "MNIST", "MNIST/raw"), (), how, [str(i) for i in range(10)], "none")
+    return _mnist_like("mnist", data_dir, ("mnist", "MNIST", "MNIST/raw"), (), how, [str(i) for i in range(10)],
+                       DEFAULT_AUGMENTS["mnist"])
 
 
 def _cifar_how(archive: str, folder: str) -> str:
@@ -119,7 +147,8 @@ def _cifar10(data_dir) -> _Raw:
     directory = _locate("cifar10", dirs, lambda d: has_cifar_files(d, "cifar10"),
                         _cifar_how("cifar-10-python.tar.gz", CIFAR10_FOLDER))
     train_x, train_y, test_x, test_y, classes = read_cifar10(directory)
-    return _Raw(train_x, train_y, test_x, test_y, classes, str(directory), "flip")  # official SphereNet-9 CIFAR-10
+    return _Raw(train_x, train_y, test_x, test_y, classes, str(directory),
+                DEFAULT_AUGMENTS["cifar10"])  # official SphereNet-9 CIFAR-10
 
 
 @register_dataset("cifar100")
@@ -128,13 +157,15 @@ def _cifar100(data_dir, label_mode: str = "fine") -> _Raw:
     directory = _locate("cifar100", dirs, lambda d: has_cifar_files(d, "cifar100"),
                         _cifar_how("cifar-100-python.tar.gz", CIFAR100_FOLDER))
     train_x, train_y, test_x, test_y, classes = read_cifar100(directory, label_mode)
-    return _Raw(train_x, train_y, test_x, test_y, classes, str(directory), "cifar10+")  # MHE CIFAR-100 recipe
+    return _Raw(train_x, train_y, test_x, test_y, classes, str(directory),
+                DEFAULT_AUGMENTS["cifar100"])  # MHE CIFAR-100 recipe
 
 
 @register_dataset("digits")
 def _digits(data_dir, image_size: int = 8, test_fraction: float = 0.2) -> _Raw:
     train_x, train_y, test_x, test_y, classes = read_digits(image_size, test_fraction)
-    return _Raw(train_x, train_y, test_x, test_y, classes, "sklearn.datasets.load_digits", "none", DIGITS_MAX)
+    return _Raw(train_x, train_y, test_x, test_y, classes, "sklearn.datasets.load_digits",
+                DEFAULT_AUGMENTS["digits"], DIGITS_MAX)
 
 
 @register_dataset("imagefolder")
@@ -147,7 +178,7 @@ def _imagefolder(data_dir, image_size: int = 32, channels: int = 3, test_fractio
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset 'imagefolder': folder {root} does not exist")
     train_x, train_y, test_x, test_y, classes = read_image_folder(root, image_size, channels, test_fraction)
-    return _Raw(train_x, train_y, test_x, test_y, classes, str(root), "flip")
+    return _Raw(train_x, train_y, test_x, test_y, classes, str(root), DEFAULT_AUGMENTS["imagefolder"])
 
 
 def synthetic_images(n: int, num_classes: int, channels: int, image_size: int, noise: float, seed: int,
@@ -180,7 +211,8 @@ def _synthetic(data_dir, num_classes: int = 4, channels: int = 1, image_size: in
     test_x, test_y = synthetic_images(test_size, num_classes, channels, image_size, noise, data_seed + 2, data_seed)
     source = (f"synthetic(num_classes={num_classes}, channels={channels}, image_size={image_size}, "
               f"noise={noise}, data_seed={data_seed})")
-    return _Raw(train_x, train_y, test_x, test_y, [f"pattern_{i}" for i in range(num_classes)], source, "none")
+    return _Raw(train_x, train_y, test_x, test_y, [f"pattern_{i}" for i in range(num_classes)], source,
+                DEFAULT_AUGMENTS["synthetic"])
 
 
 def build_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0,

@@ -29,8 +29,12 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
-   compiler is never required for correctness. Inside an outer ``torch.compile``/``torch.export`` trace the eager
-   functions are traced (the outer compiler fuses them).
+   compiler is never required for correctness. Inference does not pay the compile: when no input requires a gradient
+   (``torch.no_grad()``, ``torch.inference_mode()``, a frozen model) a kernel that this process has not compiled yet
+   runs eagerly (the same functions, equal up to float rounding), while the evaluations inside a training run reuse
+   the kernels its steps compiled.
+   Inside an outer ``torch.compile``/``torch.export`` trace the eager functions are traced (the outer compiler fuses
+   them).
 
 5. ``memory_efficient=True`` (``SphereTail.apply(..., save="output")``) saves the *output* instead of z: the
    backward inverts g to recover theta (cosine: c = g; linear: theta = (pi/2)(1 - g); sigmoid: t = g T,
@@ -243,11 +247,19 @@ def tail_backward_from_output(grad: Tensor, out: Tensor, r: Tensor, k: float | T
 
 
 _COMPILED: dict[str, Callable] = {}
+_WARM: set[str] = set()  # kernels that have compiled and run in this process
 
 
-def _kernel(name: str, fn: Callable, numel: int) -> Callable:
-    """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring)."""
+def _kernel(name: str, fn: Callable, numel: int, inference: bool = False) -> Callable:
+    """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring).
+
+    ``inference``: no input requires a gradient (``torch.no_grad()``, a frozen model); then a kernel that has not
+    been compiled in this process runs eagerly instead of waiting for its compilation. (Grad mode itself cannot
+    tell: it is always off inside an ``autograd.Function``'s forward and backward.)
+    """
     if numel < COMPILE_MIN_NUMEL or torch.compiler.is_compiling() or _COMPILED.get("failed"):
+        return fn
+    if inference and name not in _WARM:  # inference: never wait for a first compilation
         return fn
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -255,7 +267,9 @@ def _kernel(name: str, fn: Callable, numel: int) -> Callable:
 
     def run(*args):
         try:
-            return compiled(*args)
+            out = compiled(*args)
+            _WARM.add(name)
+            return out
         except Exception as err:  # noqa: BLE001 -- any compiler failure: fall back to the eager kernel for good
             _COMPILED["failed"] = True
             warnings.warn(f"torchsphere: compiling the fused SphereConv tail failed ({type(err).__name__}: {err}); "
@@ -290,9 +304,10 @@ class SphereTail(torch.autograd.Function):
     @staticmethod
     def forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None, operator: str,
                 save: str) -> Tensor:
+        inference = not any(isinstance(t, Tensor) and t.requires_grad for t in (z, r, k, bias))
         if check_choice("save", save, SAVES) == "output-inplace":
-            return _kernel("forward_inplace", tail_forward_inplace, z.numel())(z, r, k, bias, operator)
-        return _kernel("forward", tail_forward, z.numel())(z, r, k, bias, operator)
+            return _kernel("forward_inplace", tail_forward_inplace, z.numel(), inference)(z, r, k, bias, operator)
+        return _kernel("forward", tail_forward, z.numel(), inference)(z, r, k, bias, operator)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -312,13 +327,23 @@ class SphereTail(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        saved, r, k_t = ctx.saved_tensors[0], ctx.saved_tensors[1], ctx.saved_tensors[2]
+        try:
+            saved_tensors = ctx.saved_tensors
+        except RuntimeError as err:
+            if ctx.save_output and "inplace operation" in str(err):
+                raise RuntimeError(f"{err}\n\ntorchsphere: this sphere layer runs with memory_efficient=True, so it "
+                                   "saves its output for the backward, and an in-place op after the layer (e.g. "
+                                   "ReLU(inplace=True) or x += ...) modified that output. Build the layer (or "
+                                   "convert_to_sphere) with memory_efficient=False, or make the next op "
+                                   "out-of-place.") from None
+            raise
+        saved, r, k_t = saved_tensors[0], saved_tensors[1], saved_tensors[2]
         k = ctx.k_float if k_t is None else k_t
         need_k = k_t is not None and ctx.needs_input_grad[2]
         grad = grad.contiguous()
         if ctx.save_output:
             grad_z, grad_r, grad_k = _kernel("backward_from_output", tail_backward_from_output, saved.numel())(
-                grad, saved, r, k, ctx.saved_tensors[3], ctx.operator, need_k)
+                grad, saved, r, k, saved_tensors[3], ctx.operator, need_k)
         else:
             grad_z, grad_r, grad_k = _kernel("backward", tail_backward, saved.numel())(
                 grad, saved, r, k, ctx.operator, need_k)
@@ -346,7 +371,7 @@ class ChannelSquareSum(torch.autograd.Function):
 
     @staticmethod
     def forward(input: Tensor, groups: int) -> Tensor:
-        return _kernel("square_sum", channel_square_sum, input.numel())(input, groups)
+        return _kernel("square_sum", channel_square_sum, input.numel(), not input.requires_grad)(input, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

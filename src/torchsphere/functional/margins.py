@@ -224,4 +224,4 @@ def angular_margin_logits(cos: Tensor, labels: Tensor | None = None, *, operator
         return out
 
 
-margin_logits = angular_margin_logits  # the short name of STYLE.md; the same function
+margin_logits = angular_margin_logits  # the short name; the same function

@@ -6,11 +6,15 @@ SphereConv: Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03
 
 The replacement **shares** the original ``weight`` and ``bias`` ``nn.Parameter`` objects (no copy), so device,
 dtype, ``requires_grad`` and any optimizer built over the old parameters carry over; a learnable-sigmoid k is the
-only new parameter. Forward/backward hooks registered on a replaced layer are not carried over.
+only new parameter -- it is in no optimizer built before the conversion, and the converted model's state dict has
+``*.sigmoid_k_raw`` entries that the plain model's does not (a warning says so). Forward/backward hooks registered on
+a replaced layer are not carried over. A name or pattern in ``include`` / ``exclude`` that matches no layer is
+reported with a warning (a typo would otherwise convert what it meant to keep).
 """
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable, Iterable, Union
 
 from torch import nn
@@ -49,7 +53,19 @@ def _matcher(arg: str, selector: Selector) -> Callable[[str, nn.Module], bool] |
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # "a", "a.b", "a.b.c"
         return any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in patterns)
 
+    match.patterns = patterns  # type: ignore[attr-defined]
     return match
+
+
+def _warn_unmatched(model: nn.Module, arg: str, matcher) -> None:
+    """Warns about the ``include``/``exclude`` patterns that match no module name of ``model``."""
+    patterns = getattr(matcher, "patterns", ())
+    names = [n for n, _ in model.named_modules() if n]
+    prefixes = {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in prefixes)]
+    if unmatched:
+        warnings.warn(f"{arg} patterns {unmatched} match no module of the model (module names look like "
+                      f"{names[:4]}); check the spelling", UserWarning, stacklevel=3)
 
 
 def _replace(root: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]], include, exclude,
@@ -108,14 +124,21 @@ def convert_to_sphere(model: nn.Module, operator: str = "cosine", *, include: Se
         operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
         include: convert only these layers (names, fnmatch patterns such as ``"layer*"``, or a predicate
             ``(name, module) -> bool``); None: all.
-        exclude: skip these layers, e.g. the stem and shortcuts, ``["conv1", "*.downsample.*"]``.
+        exclude: skip these layers, e.g. the stem and shortcuts, ``["conv1", "*.downsample.*"]``. A pattern that
+            matches no module name gives a warning.
         convert_linear: also convert ``nn.Linear`` to :class:`~torchsphere.nn.SphereLinear`.
         sigmoid_k: k of ``"sigmoid"`` (default 0.3) / initial effective k of ``"learnable_sigmoid"`` (0.75).
         eps: added to both squared norms inside the square roots (official 1e-4).
         memory_efficient: the sphere layers save their output for the backward instead of an extra full-size
             tensor (:class:`~torchsphere.nn.SphereConv2d`). Safe when no in-place op touches a convolution's output
             directly (conv -> BatchNorm -> ``ReLU(inplace=True)``, as in torchvision's and timm's ResNets, is
-            fine); otherwise the backward raises autograd's in-place error. Default False.
+            fine); otherwise the backward raises autograd's in-place error, with a note naming this option.
+            Default False.
+
+    With ``operator="learnable_sigmoid"`` every converted layer gets a new parameter ``k``: build the optimizer
+    after the conversion (one built before misses k), and note that the state dict gains ``*.sigmoid_k_raw`` keys,
+    so it loads into the converted model, not into the plain one (:func:`revert_from_sphere` drops k). A warning
+    says so.
 
     Returns:
         The converted model (the same object unless ``model`` itself was replaced).
@@ -160,7 +183,18 @@ def convert_to_sphere(model: nn.Module, operator: str = "cosine", *, include: Se
                          old.groups, old.bias is not None, old.padding_mode, **factory, **sphere)
         return _share_params(old, new)
 
-    return _replace(model, mapping, _matcher("include", include), _matcher("exclude", exclude), build)
+    include_m, exclude_m = _matcher("include", include), _matcher("exclude", exclude)
+    _warn_unmatched(model, "include", include_m)
+    _warn_unmatched(model, "exclude", exclude_m)
+    before = {id(p) for p in model.parameters()}
+    out = _replace(model, mapping, include_m, exclude_m, build)
+    new = [n for n, p in out.named_parameters() if id(p) not in before]
+    if new:
+        warnings.warn(f"convert_to_sphere(operator={operator!r}) added {len(new)} learnable parameter(s) "
+                      f"({', '.join(new[:3])}{', ...' if len(new) > 3 else ''}): build the optimizer after the "
+                      f"conversion, and load this state dict into a converted model (the plain one has no k)",
+                      UserWarning, stacklevel=2)
+    return out
 
 
 def revert_from_sphere(model: nn.Module, *, include: Selector = None, exclude: Selector = None) -> nn.Module:

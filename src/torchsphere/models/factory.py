@@ -2,7 +2,8 @@
 
 The architectures (:class:`~torchsphere.models.PlainNet`, :class:`~torchsphere.models.ResNet`) take layer *types*
 (``conv_layer``, ``norm_layer``, ``head_layer``); this module maps the closed vocabularies below onto them, so a
-SphereNet and its CNN baseline differ by one string (STYLE practices 3-5).
+SphereNet and its CNN baseline differ by one string (closed string choices mapped onto injected layer types, as
+timm's layer factories do).
 
 - operator: ``"conv"`` (a plain bias-free ``nn.Conv2d``, the CNN baseline) or a SphereConv operator ``"linear"``,
   ``"cosine"``, ``"sigmoid"``, ``"learnable_sigmoid"`` (Liu et al., *Deep Hyperspherical Learning*, NIPS 2017,
@@ -133,7 +134,7 @@ class LayerConfig:
         if self.norm.startswith("spherenorm"):
             return partial(SphereNorm2d, operator=self.operator, sigmoid_k=self.sigmoid_k)
         # the architectures apply no in-place op to a convolution's output, so the layers may save their output
-        # (issue 8: no full-size saved tensor beyond the CNN's when BatchNorm or ReLU follows)
+        # (no full-size saved tensor beyond the CNN's when BatchNorm or ReLU follows; docs/benchmarks.md)
         return partial(SphereConv2d, operator=self.operator, sigmoid_k=self.sigmoid_k, memory_efficient=True)
 
     def norm_layer(self) -> Callable[[int], nn.Module]:
@@ -184,6 +185,7 @@ def build_model(cls: type[nn.Module], name: str, arch: dict[str, Any], overrides
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; accepted: {sorted(allowed)}")
+    _check_family(name, signature, arch, overrides)
     merged = {**arch, **overrides}
     layers = LayerConfig(**{k: merged.pop(k) for k in LAYER_FIELDS if k in merged})
     model = cls(**merged, conv_layer=layers.conv_layer(), norm_layer=layers.norm_layer(),
@@ -193,6 +195,33 @@ def build_model(cls: type[nn.Module], name: str, arch: dict[str, Any], overrides
     arch_cfg = {k: v for k, v in bound.arguments.items() if k in arch_names}
     model.default_cfg = {"architecture": name, **arch_cfg, **asdict(layers)}
     return model
+
+
+def _check_family(name: str, signature: inspect.Signature, arch: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Overrides that would silently turn a registry entry into another model are errors.
+
+    - ``operator`` may not turn a plain entry (``cnn9``, ``resnet32``: operator ``"conv"``) into a SphereNet, nor a
+      sphere entry into a plain CNN: a baseline must stay a baseline, so that a comparison compares what it names.
+    - ``widths`` with another number of stages than the entry's, without ``layers_per_stage``, would build a net of
+      another depth under the same name (a 2-stage "spherenet9").
+    """
+    base = arch.get("operator", "cosine")
+    wanted = overrides.get("operator")
+    if wanted is not None and isinstance(wanted, str) and (base == "conv") != (wanted == "conv"):
+        if base == "conv":
+            raise ValueError(f"{name} is a plain CNN baseline (operator 'conv'); operator={wanted!r} would turn it "
+                             f"into a SphereNet while it is still called {name!r}. Use the sphere model of the "
+                             f"family (e.g. spherenet9, sphere_resnet32) for SphereConv layers")
+        raise ValueError(f"{name} is a sphere model; operator='conv' would turn it into a plain CNN while it is "
+                         f"still called {name!r}. Use the plain model of the family (e.g. cnn9, resnet32)")
+    if "widths" in overrides and "layers_per_stage" not in overrides and "widths" in signature.parameters:
+        default = arch.get("widths", signature.parameters["widths"].default)
+        widths = overrides["widths"]
+        if not isinstance(widths, numbers.Integral) and hasattr(widths, "__len__") and len(widths) and \
+                default is not inspect.Parameter.empty and len(tuple(widths)) != len(tuple(default)):
+            raise ValueError(f"{name} has {len(tuple(default))} stages; widths needs {len(tuple(default))} entries, "
+                             f"got {tuple(widths)!r}. For a net with {len(tuple(widths))} stages give "
+                             f"layers_per_stage too")
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> int:

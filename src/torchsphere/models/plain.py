@@ -90,8 +90,10 @@ class PlainNet(ClassifierNet):
 
     def forward_features(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, feature_dim)
         if x.dim() != 4 or tuple(x.shape[-2:]) != self.input_size:
+            hint = (f"; build it for this size with create_model(..., input_size={tuple(x.shape[-2:])}) (fc6 covers "
+                    f"the last feature map, so its kernel depends on the input size)" if x.dim() == 4 else "")
             raise ValueError(f"PlainNet built for input (N, C, {self.input_size[0]}, {self.input_size[1]}) "
-                             f"(input_size={self.input_size}); got shape {tuple(x.shape)}")
+                             f"(input_size={self.input_size}); got shape {tuple(x.shape)}{hint}")
         for stage in self.stages:
             x = self.pool(stage(x))  # (N, width, H / 2, W / 2)
         x = self.fc6_norm(self.fc6(x))  # (N, feature_dim, 1, 1); no ReLU, as the official fc6

@@ -35,7 +35,9 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 class AngularHead(_SphereMixin, nn.Module):
-    """Classifier head returning angular logits s * g(theta_j), with a margin on the target class during training.
+    """Classifier head returning angular logits s * g(theta_j), with a margin on the target class whenever labels
+    are passed (in train and eval mode alike: ``head(x, y)`` applies it, ``head(x)`` does not -- so validation
+    logits and losses should be computed without labels).
 
     For each class j, theta_j is the angle between the feature x and the class weight W_j, g the sphere operator
     and s = ||x|| (``scale=None``: the weight-normalized softmax keeps the feature norm) or a fixed ``scale``. With

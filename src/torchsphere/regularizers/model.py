@@ -287,6 +287,10 @@ class HypersphericalRegularizer(nn.Module):
                 estimate over the pairs touching the classes present in the batch (:func:`stochastic_energy`),
                 O(batch classes x N x d) instead of O(N^2 d) for large classifier heads.
         """
+        if isinstance(labels, nn.Module):
+            raise TypeError(f"HypersphericalRegularizer walks the model it was built on: call it as reg() (or "
+                            f"reg(labels) for the MHE methods), not reg(model); got a {type(labels).__name__} for "
+                            f"labels")
         if labels is not None and self.method not in _MHE:
             raise ValueError(f"labels apply to the MHE methods {list(_MHE)} only; got method={self.method!r}")
         total = None

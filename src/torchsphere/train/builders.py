@@ -141,7 +141,7 @@ def floored_cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float
     """The official SphereNet loss: smoothed cross-entropy on log(softmax(z) + floor), batch mean.
 
     The floor caps each log-probability at log(floor) (about -9.2), which is why the official "fit" loss plateaus
-    near 0.07 (spherenet.md §3.2). Computed in float32 at least.
+    near 0.07 (the training logs of wy1iu/SphereNet). Computed in float32 at least.
     """
     num_classes = logits.shape[1]
     probs = logits.float().softmax(dim=1)

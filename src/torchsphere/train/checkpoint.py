@@ -4,13 +4,14 @@ A run folder holds ``model.safetensors`` (the weights, safetensors — no pickle
 state: optimizer, lr scheduler, A-Softmax lambda schedule, regularizer state, RNG states of torch / python / numpy /
 the data generator, step, epoch, best-so-far, metrics rows) and ``best.safetensors`` (the best-on-validation weights).
 ``checkpoint.pt`` holds only tensors, numbers, strings, lists and dicts, so it loads with
-``torch.load(..., weights_only=True)`` (the safe unpickler; see ecosystem.md §6.5). ``checkpoint.pt`` also carries the
+``torch.load(..., weights_only=True)`` (PyTorch's safe unpickler). ``checkpoint.pt`` also carries the
 model's state_dict, so it is self-contained: resuming never mixes weights and trainer state of different steps, whatever
 moment a crash hits.
 
 Every file is written atomically: to a temporary file in the same folder, flushed and fsync'ed, then moved over the
 target with ``os.replace`` (atomic on POSIX within one file system), and the folder is fsync'ed. A crash in the middle
-of a write leaves the previous file intact.
+of a write leaves the previous file intact. The files get the mode a plain ``open()`` would give them (0666 minus the
+umask, e.g. 0644), so colleagues sharing a folder can read a run.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp creates 0600 files; give the mode open() would: 0666 minus the umask
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -51,6 +54,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -14,7 +14,14 @@ command line)::
       - {name: spherenet9-linear, model: spherenet9, operator: linear}
 
 Each run trains into ``OUTPUT/runs/NAME/seed_S``. A finished run (``summary.json`` present, same configuration) is
-reused and an interrupted one resumed, so rerunning an interrupted comparison only trains what is missing.
+reused and an interrupted one resumed, so rerunning an interrupted comparison only trains what is missing. Every
+folder is checked before anything trains: one that holds a run of another configuration is an error that lists the
+fields that differ.
+
+Command-line overrides apply to every configuration. Overrides that make two configurations identical (``--operator``
+when the runs differ by operator, ``--model`` when they differ by model) are refused, since the report would compare
+identical runs under different names; overrides that keep them distinct (a shorter ``--steps`` for a smoke test) are
+fine.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import preflight
+from .checkpoint import STATE_FILE
 from .config import TrainConfig, load_yaml
 from .loop import CONFIG_FILE, RESUME_FREE, train
 from .metrics import SUMMARY_FILE
@@ -99,16 +108,69 @@ def spec_from_models(models: list[str], operators: list[str] | None, seeds: int,
 
 def run_configs(spec: CompareSpec, output: str | Path, overrides: dict[str, Any] | None = None
                 ) -> dict[str, list[TrainConfig]]:
-    """The TrainConfig of every (configuration, seed); ``overrides`` (command-line flags) beat the spec."""
+    """The TrainConfig of every (configuration, seed); ``overrides`` (command-line flags) beat the spec.
+
+    Raises:
+        ValueError: overrides that make two configurations identical, a setting that a configuration would ignore
+            (``margin`` without the gasoftmax head, ...), or a configuration that cannot run
+            (:func:`~torchsphere.train.preflight.check_config`), named.
+    """
     output = Path(output)
+    overrides = dict(overrides or {})
     configs: dict[str, list[TrainConfig]] = {}
     for entry in spec.runs:
         fields = {k: v for k, v in entry.items() if k != "name"}
+        given = {**spec.train, **fields, **overrides}
         configs[entry["name"]] = [
-            TrainConfig.from_dict({**spec.train, **fields, **(overrides or {}), "seed": seed,
+            TrainConfig.from_dict({**given, "seed": seed,
                                    "output": str(output / "runs" / entry["name"] / f"seed_{seed}")})
             for seed in spec.seeds]
+        try:
+            preflight.check_given(given, configs[entry["name"]][0])
+            preflight.check_config(configs[entry["name"]][0])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"configuration {entry['name']!r}: {exc}") from None
+    _check_distinct(spec, configs, overrides)
     return configs
+
+
+# fields that say what a configuration *is*: an override may not replace a value a configuration sets itself
+IDENTITY_FIELDS = ("model", "operator", "sigmoid_k", "head", "head_operator", "margin", "norm", "regularizer")
+
+
+def _check_distinct(spec: CompareSpec, configs: dict[str, list[TrainConfig]], overrides: dict[str, Any]) -> None:
+    """Raises ValueError when an override replaces what a configuration is (its model, operator, head, ... set in
+    the spec) or leaves two configurations identical (but for their names and folders)."""
+    rewritten = {k: [e["name"] for e in spec.runs if k in e and e[k] != overrides[k]]
+                 for k in overrides if k in IDENTITY_FIELDS}
+    rewritten = {k: names for k, names in rewritten.items() if names}
+    if rewritten:
+        raise ValueError("overrides would rewrite what the configurations are: " + "; ".join(
+            f"{preflight.flag(k)} {overrides[k]!r} replaces the {k} of {', '.join(names)}"
+            for k, names in rewritten.items()) + ". Leave the flag out (--operators OP1,OP2 compares operators)")
+    seen: dict[str, str] = {}
+    for name, cfgs in configs.items():
+        key = repr(sorted((k, v) for k, v in preflight.resolved(cfgs[0].to_dict()).items() if k != "output"))
+        if key in seen:
+            other = seen[key]
+            culprits = [k for k in overrides if any(k in e for e in spec.runs if e["name"] in (name, other))]
+            raise ValueError(f"configurations {other!r} and {name!r} are identical after the overrides"
+                             + (f" ({', '.join(f'{preflight.flag(k)} {overrides[k]!r}' for k in culprits)} replaced "
+                                f"what distinguished them)" if culprits else "")
+                             + "; leave the flag out, or use --operators OP1,OP2 to compare operators")
+        seen[key] = name
+
+
+def check_folders(configs: dict[str, list[TrainConfig]]) -> None:
+    """Raises ValueError, listing the differences, if a run folder holds a run of another configuration."""
+    for name, cfgs in configs.items():
+        for config in cfgs:
+            out = Path(config.output)
+            if (out / CONFIG_FILE).is_file():
+                diff = _config_diff(config, out)
+                if diff:
+                    raise ValueError(f"{str(out)!r} ({name}, seed {config.seed}) holds a run with another "
+                                     f"configuration ({', '.join(diff)}); remove it or use another --output")
 
 
 def compare(spec: CompareSpec, output: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -131,6 +193,7 @@ def compare(spec: CompareSpec, output: str | Path, overrides: dict[str, Any] | N
 
 
 def _train_all(configs: dict[str, list[TrainConfig]]) -> None:
+    check_folders(configs)
     total = sum(len(c) for c in configs.values())
     done = 0
     for name, cfgs in configs.items():
@@ -141,14 +204,13 @@ def _train_all(configs: dict[str, list[TrainConfig]]) -> None:
                 print(f"[{done}/{total}] {name} seed {config.seed}: finished earlier, reused ({out})")
                 continue
             print(f"[{done}/{total}] {name} seed {config.seed} -> {out}")
-            resume = (out / CONFIG_FILE).is_file() and _same_config(config, out)
-            if (out / CONFIG_FILE).is_file() and not resume:
-                raise ValueError(f"{str(out)!r} holds a run with another configuration; remove it or use another "
-                                 f"--output")
+            resume = (out / STATE_FILE).is_file() and _same_config(config, out)
             train(config.replace(resume=resume))
 
 
+def _config_diff(config: TrainConfig, out: Path) -> list[str]:
+    return preflight.config_diff(config, TrainConfig.from_yaml(out / CONFIG_FILE).to_dict(), RESUME_FREE)
+
+
 def _same_config(config: TrainConfig, out: Path) -> bool:
-    saved = TrainConfig.from_yaml(out / CONFIG_FILE).to_dict()
-    now = config.to_dict()
-    return all(now[k] == saved.get(k) for k in now if k not in RESUME_FREE)
+    return not _config_diff(config, out)

@@ -1,4 +1,4 @@
-"""Typed training configuration: a dataclass with YAML round trip (STYLE practice 15, nanoGPT/timm style).
+"""Typed training configuration: a dataclass with YAML round trip (as nanoGPT's config dataclass, timm's YAML).
 
 A YAML file sets defaults, command-line flags override them, and the resolved configuration is written to
 ``config.yaml`` in the run folder, from which ``torchsphere evaluate`` / ``predict`` / ``--resume`` rebuild the run.

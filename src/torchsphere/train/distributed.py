@@ -1,4 +1,4 @@
-"""Data-parallel training with PyTorch DDP, launched by ``torchrun`` (ecosystem.md §7).
+"""Data-parallel training with PyTorch DDP, launched by ``torchrun`` (PyTorch's elastic launcher).
 
 Single machine, N processes (one per GPU, or N CPU processes with gloo)::
 

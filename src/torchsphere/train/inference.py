@@ -22,6 +22,8 @@ from .config import TrainConfig
 from .loop import CONFIG_FILE, DATA_FILE, evaluate
 
 WEIGHTS = {"final": MODEL_FILE, "best": BEST_FILE}
+# how the values of an input array are read (see load_inputs)
+PIXELS: tuple[str, ...] = ("auto", "raw", "unit", "normalized")
 
 
 @dataclass
@@ -80,46 +82,109 @@ def evaluate_run(run_dir: str | os.PathLike, weights: str = "final", *, split: s
                 accuracy=acc, loss=loss, precise_bn=precise_bn)
 
 
-def load_inputs(paths: list[str | os.PathLike], in_channels: int, image_size: tuple[int, int]) -> Tensor:
+def load_inputs(paths: list[str | os.PathLike], in_channels: int, image_size: tuple[int, int], *,
+                pixels: str = "auto", resize: bool = False) -> Tensor:
     """Reads images for prediction into a normalized (N, C, H, W) float32 batch.
 
     Accepted files: ``.npy`` / ``.pt`` arrays of shape (H, W), (N, H, W), (N, C, H, W) or (N, H, W, C), and image
-    files (``.png``, ``.jpg``, ...; Pillow needed). Integer arrays and images are raw 0..255 pixels and get the official
-    normalization ``(x - 127.5) / 128``; float arrays are taken as already normalized.
+    files (``.png``, ``.jpg``, ...; Pillow needed). The model sees the official normalization ``(x - 127.5) / 128``
+    of 0..255 pixels.
+
+    Args:
+        paths: the files.
+        in_channels: channels the model takes (images are converted to grey or RGB accordingly).
+        image_size: (height, width) the model takes.
+        pixels: how array values are read: ``"raw"`` 0..255 pixels (any dtype), ``"unit"`` 0..1 floats (the
+            ``torchvision.transforms.ToTensor`` convention), ``"normalized"`` already ``(x - 127.5) / 128``;
+            ``"auto"`` (default): integer arrays are raw, float arrays within [0, 1] are unit, other float arrays are
+            normalized. Image files are always raw.
+        resize: resize images of another size to ``image_size`` (bilinear, antialiased); without it such an input is
+            an error.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: a file that is neither an array nor an image, or of the wrong shape / size.
     """
+    return load_named_inputs(paths, in_channels, image_size, pixels=pixels, resize=resize)[0]
+
+
+def load_named_inputs(paths: list[str | os.PathLike], in_channels: int, image_size: tuple[int, int], *,
+                      pixels: str = "auto", resize: bool = False) -> tuple[Tensor, list[str]]:
+    """:func:`load_inputs` plus a name per image: the file name, with ``[i]`` for the images of an array file."""
     from ..data import normalize_pixels
 
-    batches = []
+    if pixels not in PIXELS:
+        raise ValueError(f"unknown pixels {pixels!r}; choose from {list(PIXELS)}")
+    batches, names = [], []
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+        x, is_array = _read_any(path, in_channels)
+        single = x.dim() == 2 or not is_array
+        x = _to_nchw(x, in_channels, image_size, path, resize)
+        kind = pixels if is_array else "raw"
+        if kind == "auto":
+            kind = "raw" if not x.is_floating_point() else (
+                "unit" if x.numel() and float(x.min()) >= 0 and float(x.max()) <= 1 else "normalized")
+        x = x.float()
+        batches.append(x if kind == "normalized" else normalize_pixels(x * 255 if kind == "unit" else x))
+        names += [str(path)] if single and x.shape[0] == 1 else [f"{path}[{i}]" for i in range(x.shape[0])]
+    return torch.cat(batches), names
+
+
+def _read_any(path: Path, in_channels: int) -> tuple[Tensor, bool]:
+    """(the file's tensor, True for an array file / False for an image file); unreadable files are ValueErrors."""
+    try:
         if path.suffix == ".npy":
             import numpy as np
 
-            x = torch.from_numpy(np.load(path))
-        elif path.suffix == ".pt":
+            return torch.from_numpy(np.load(path, allow_pickle=False)), True
+        if path.suffix == ".pt":
             x = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            x = _read_image(path, in_channels)
-        x = _to_nchw(x, in_channels, image_size, path)
-        batches.append(x.float() if x.is_floating_point() else normalize_pixels(x))
-    return torch.cat(batches)
+            if not isinstance(x, Tensor):
+                raise ValueError(f"holds a {type(x).__name__}, not a tensor")
+            return x, True
+        return _read_image(path, in_channels), False
+    except ImportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any reader failure is a bad input file
+        raise ValueError(f"{str(path)!r} is neither a .npy / .pt array nor an image file Pillow can read "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def predict(run_dir: str | os.PathLike, inputs: Tensor | list[str | os.PathLike], *, weights: str = "final",
-            top_k: int = 1, device: str | torch.device = "cpu") -> list[list[tuple[int, str, float]]]:
-    """Top-``k`` (class index, class name, probability) per input image of a saved model."""
-    run = load_run(run_dir, weights, device)
+            top_k: int = 1, device: str | torch.device = "cpu", pixels: str = "auto",
+            resize: bool = False) -> list[list[tuple[int, str, float]]]:
+    """Top-``k`` (class index, class name, probability) per input image of a saved model.
+
+    ``inputs`` is a normalized (N, C, H, W) tensor or a list of files, read by :func:`load_inputs` with ``pixels``
+    and ``resize``.
+    """
+    return _predict(load_run(run_dir, weights, device), inputs, top_k, device, pixels, resize)[0]
+
+
+def predict_files(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, weights: str = "final",
+                  top_k: int = 1, device: str | torch.device = "cpu", pixels: str = "auto",
+                  resize: bool = False) -> list[dict[str, Any]]:
+    """:func:`predict` on files, one ``{"input": name, "top": [(index, class, probability), ...]}`` per image."""
+    results, names = _predict(load_run(run_dir, weights, device), list(paths), top_k, device, pixels, resize)
+    return [{"input": name, "top": top} for name, top in zip(names, results)]
+
+
+def _predict(run: LoadedRun, inputs, top_k: int, device, pixels: str, resize: bool):
     info = run.data_info
+    names = None
     if not isinstance(inputs, Tensor):
-        inputs = load_inputs(list(inputs), info["in_channels"], tuple(info["image_size"]))
+        inputs, names = load_named_inputs(list(inputs), info["in_channels"], tuple(info["image_size"]),
+                                          pixels=pixels, resize=resize)
     if not 1 <= top_k <= info["num_classes"]:
         raise ValueError(f"top_k must be in [1, {info['num_classes']}]; got {top_k!r}")
     with torch.no_grad():
         probs = run.model(inputs.to(device)).float().softmax(dim=1)  # (N, K)
     values, indices = probs.topk(top_k, dim=1)
-    return [[(int(i), info["classes"][int(i)], float(v)) for v, i in zip(vs, ids)]
-            for vs, ids in zip(values, indices)]
+    results = [[(int(i), info["classes"][int(i)], float(v)) for v, i in zip(vs, ids)]
+               for vs, ids in zip(values, indices)]
+    return results, names or [str(i) for i in range(len(results))]
 
 
 def _read_image(path: Path, in_channels: int) -> Tensor:
@@ -134,7 +199,7 @@ def _read_image(path: Path, in_channels: int) -> Tensor:
     return torch.from_numpy(array.copy())
 
 
-def _to_nchw(x: Tensor, channels: int, size: tuple[int, int], path: Path) -> Tensor:
+def _to_nchw(x: Tensor, channels: int, size: tuple[int, int], path: Path, resize: bool = False) -> Tensor:
     if x.dim() == 2:
         x = x[None, None]
     elif x.dim() == 3:
@@ -142,7 +207,14 @@ def _to_nchw(x: Tensor, channels: int, size: tuple[int, int], path: Path) -> Ten
                                                                  else x[None])
     elif x.dim() == 4 and x.shape[1] != channels and x.shape[-1] == channels:
         x = x.permute(0, 3, 1, 2)
+    if x.dim() == 4 and x.shape[1] == channels and tuple(x.shape[-2:]) != tuple(size) and resize:
+        integer = not x.is_floating_point()
+        x = torch.nn.functional.interpolate(x.double(), size=tuple(size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        x = x.round().clamp(0, 255).to(torch.uint8) if integer else x.float()
     if x.dim() != 4 or x.shape[1] != channels or tuple(x.shape[-2:]) != tuple(size):
+        hint = (" (pass --resize / resize=True to resize them)" if x.dim() == 4 and x.shape[1] == channels
+                else "")
         raise ValueError(f"{str(path)!r}: expected images of {channels} channel(s) and size {tuple(size)}; got "
-                         f"shape {tuple(x.shape)}")
+                         f"shape {tuple(x.shape)}{hint}")
     return x

@@ -4,13 +4,15 @@ One step (docs/architecture.md)::
 
     logits = model(x, labels)                                  # the head is inside the model (and inside DDP)
     loss = F.cross_entropy(logits, y, label_smoothing=...)     # or the official floored loss
-           + orth * orthonormal_penalty(sphere layers) + regularizer(model)   # added explicitly
+           + orth * orthonormal_penalty(sphere layers) + regularizer()   # added explicitly
     backward -> optimizer.step -> lr scheduler.step -> A-Softmax lambda set on the head for the next step
 
 Exact resume: the data order of an epoch is a permutation drawn from a generator seeded by (seed, epoch); the
 augmentation generator, the torch / python / numpy RNGs, optimizer, schedulers, regularizer, metric accumulators, step
 and best-so-far are all in ``checkpoint.pt``. A run killed at any moment and resumed with ``--resume`` ends with the
-same metrics as an uninterrupted run (on CPU; on GPU up to the nondeterminism of the kernels).
+same metrics as an uninterrupted run (on CPU; on GPU up to the nondeterminism of the kernels). SIGINT (Ctrl-C) and
+SIGTERM stop a run at the next step boundary with a checkpoint and print the command that resumes it
+(:mod:`.interrupt`).
 
 Model selection uses the validation split carved from the training set; the test set is evaluated at every
 evaluation point as a reported curve only, and at the end for the final and the best-on-validation weights.
@@ -34,6 +36,8 @@ from torch import Tensor, nn
 from . import bn_stats
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import preflight
+from .interrupt import StopSignals, TrainingInterrupted
 from .builders import (autocast_dtype, build_data, build_lambda_schedule, build_model, build_optimizer,
                        build_regularizer, build_scheduler, classification_loss, count_parameters, epoch_permutation,
                        mix_seed, orth_penalty, resolved_milestones, set_head_lambda, steps_per_epoch, total_steps)
@@ -131,9 +135,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500,
     return correct / y.numel(), loss_sum / y.numel()
 
 
-def train_one_epoch(run: Run, epoch: int, progress: Any = None) -> None:
+def train_one_epoch(run: Run, epoch: int, progress: Any = None, stop: StopSignals | None = None) -> None:
     """Trains from the run's current step to the end of ``epoch`` (or of the budget), evaluating and checkpointing
-    on the way. Resumes mid-epoch: the position in the epoch is ``step - epoch * steps_per_epoch``."""
+    on the way. Resumes mid-epoch: the position in the epoch is ``step - epoch * steps_per_epoch``.
+
+    Raises:
+        TrainingInterrupted: ``stop`` saw SIGINT / SIGTERM; the checkpoint of the step just finished is written.
+    """
     cfg, info, data = run.config, run.info, run.data
     order = epoch_permutation(data.train_y.numel(), cfg.seed, epoch)
     first = run.state.step - epoch * run.per_epoch
@@ -162,6 +170,20 @@ def train_one_epoch(run: Run, epoch: int, progress: Any = None) -> None:
             evaluation_point(run, epoch, progress)
         elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_run_checkpoint(run, epoch)
+        if stop is not None and _stop_requested(stop, run):
+            save_run_checkpoint(run, epoch)
+            raise TrainingInterrupted(stop.signum or 2, step, run.total, str(run.out))
+
+
+def _stop_requested(stop: StopSignals, run: Run) -> bool:
+    """True when a signal arrived on any rank (summed over the ranks under DDP, so that all stop together)."""
+    if not run.info.enabled:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=run.device)
+    total = dist_utils.all_reduce_sum(flag, run.info)
+    if total.item() > 0 and stop.signum is None:
+        stop.signum = 2  # another rank's SIGINT
+    return total.item() > 0
 
 
 def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -298,22 +320,29 @@ def restore(run: Run) -> None:
 
 def setup(config: TrainConfig) -> Run:
     """Builds every object of a run (data, model, optimizer, schedules, DDP) and restores it on ``resume``."""
-    info, device = dist_utils.init_distributed(config.device)
+    preflight.check_config(config)
+    preflight.check_device(config)
+    config = preflight.resolve_augment(config)  # config.yaml records the augmentation that runs
     out = Path(config.output)
     has_checkpoint = (out / ckpt.STATE_FILE).is_file()
     if has_checkpoint and not config.resume:
         raise FileExistsError(f"run folder {str(out)!r} already holds a checkpoint; pass --resume to continue it "
-                              f"or choose another --output")
+                              f"(`torchsphere train --output {out} --resume`) or choose another --output")
+    if config.resume and not has_checkpoint:
+        raise FileNotFoundError(f"--resume: run folder {str(out)!r} holds no checkpoint ({ckpt.STATE_FILE}); "
+                                f"nothing to resume" + (" (the run stopped before its first checkpoint: start it "
+                                                        "again without --resume)" if (out / CONFIG_FILE).is_file()
+                                                        else ""))
     if has_checkpoint:
         check_resumable(config, out)
+    info, device = dist_utils.init_distributed(config.device)
     seed_everything(mix_seed(config.seed, info.rank))
     data = build_data(config)
     if device.type == "cuda":  # small datasets live on the training device; batches are gathered there
         data = data.to(device)
     from ..data import make_augment
 
-    augment_name = config.augment if config.augment is not None else data.augment
-    augment = None if augment_name == "none" else make_augment(augment_name)
+    augment = None if config.augment == "none" else make_augment(config.augment)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     raw_model = build_model(config, data.num_classes, data.in_channels, data.image_size).to(device)
     for option in ("precise_bn", "bn_shadow", "bn_drift"):
@@ -328,6 +357,9 @@ def setup(config: TrainConfig) -> Run:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the world size {info.world_size}")
     per_epoch = steps_per_epoch(data.train_y.numel(), config.batch_size)
     total = total_steps(config, per_epoch)
+    if info.is_main:
+        for line in preflight.setup_warnings(config, total, info.enabled):
+            log.warning("warning: %s", line)
     optimizer = build_optimizer(config, raw_model)
     scheduler = build_scheduler(config, optimizer, total)
     regularizer = build_regularizer(config, raw_model)
@@ -366,22 +398,42 @@ def setup(config: TrainConfig) -> Run:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Trains (or resumes) one run and returns its summary (also written to ``summary.json`` by rank 0)."""
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return train_run(setup(config))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Sets torch's CPU threads for the block (None: unchanged) and restores them."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        run = setup(config)
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_run(run: Run) -> dict[str, Any]:
+    """Trains a :func:`setup` run to the end of its budget and returns its summary.
+
+    SIGINT / SIGTERM stop it at the next step boundary with a checkpoint (:class:`TrainingInterrupted`).
+    """
+    try:
+        if run.info.is_main:
+            message = preflight.banner(run)
+            (log.info if run.config.quiet else print)(message)
+        progress = _progress(run)
         try:
-            progress = _progress(run)
-            while run.state.step < run.total:
-                train_one_epoch(run, run.state.step // run.per_epoch, progress)
+            with StopSignals() as stop:
+                while run.state.step < run.total:
+                    train_one_epoch(run, run.state.step // run.per_epoch, progress, stop)
+        finally:
             if progress is not None:
                 progress.close()
-            return finish(run)
-        finally:
-            dist_utils.cleanup(run.info)
+        return finish(run)
     finally:
-        torch.set_num_threads(threads)
+        dist_utils.cleanup(run.info)
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -440,11 +492,10 @@ def data_info(data: Any) -> dict[str, Any]:
 def check_resumable(config: TrainConfig, out: Path) -> None:
     """Refuses to resume a run with a configuration other than the one it was started with."""
     saved = TrainConfig.from_yaml(out / CONFIG_FILE).to_dict()
-    now = config.to_dict()
-    diff = sorted(k for k in now if k not in RESUME_FREE and now[k] != saved.get(k))
+    diff = preflight.config_diff(config, saved, RESUME_FREE)
     if diff:
-        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-        raise ValueError(f"cannot resume {str(out)!r} with a different configuration ({changes})")
+        raise ValueError(f"cannot resume {str(out)!r} with a different configuration ({', '.join(sorted(diff))}); "
+                         f"only {', '.join(sorted(RESUME_FREE - {'resume'}))} may change")
 
 
 def seed_everything(seed: int) -> None:

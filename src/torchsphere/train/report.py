@@ -1,6 +1,7 @@
 """The compare report: ``report.md`` (a markdown table) and ``convergence.png`` (curves with a band over seeds).
 
-For each configuration, over its seeds (mean ± sample standard deviation, ddof = 1; ± 0 for one seed):
+For each configuration, over its seeds (mean ± sample standard deviation, ddof = 1; with one seed the spread is
+undefined and the cell says "(1 seed)" instead of a ± that would read as zero noise):
 
 - **final test**: test accuracy of the final weights;
 - **best-on-val test**: test accuracy of the weights with the highest validation accuracy (model selection on the
@@ -11,6 +12,10 @@ For each configuration, over its seeds (mean ± sample standard deviation, ddof 
   it; "k/n" when only k of n seeds do; "—" when none does);
 - **time/step** and its ratio to the baseline (the first configuration): training wall time per step, evaluations
   excluded. Runs on a shared machine make this ratio noisy.
+
+Under the table, an **outcome** list states what was measured against the baseline: per threshold, which
+configurations reach it in fewer or more mean steps (a configuration counts only when every seed reaches it), and
+which end with a higher or lower final accuracy beyond the seed spread.
 
 The plot uses the matplotlib Agg backend (no display needed): test accuracy and training loss against steps, one curve
 per configuration, the mean over seeds with a ±1 std band.
@@ -49,11 +54,12 @@ class ConfigResult:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for a single value); NaNs are dropped; (nan, nan) when nothing is left."""
+    """Mean and sample std (nan for a single value: the spread is undefined); NaNs are dropped; (nan, nan) when
+    nothing is left."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
 def steps_to_reach(rows: list[dict[str, Any]], threshold: float, key: str = "test_acc") -> int | None:
@@ -67,6 +73,8 @@ def steps_to_reach(rows: list[dict[str, Any]], threshold: float, key: str = "tes
 def _pct(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "—"
+    if math.isnan(std):
+        return f"{100 * mean:.2f} (1 seed)"
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
@@ -101,6 +109,51 @@ def table_rows(results: list[ConfigResult], thresholds: list[float]) -> list[lis
     return rows
 
 
+def outcome_lines(results: list[ConfigResult], thresholds: list[float]) -> list[str]:
+    """What the runs measured against the baseline (the first configuration), one bullet per threshold plus the
+    final accuracy: which configurations reach the threshold in fewer / more mean steps, and which end higher /
+    lower beyond the seed spread (|difference of means| > the sum of the standard deviations)."""
+    if len(results) < 2:
+        return []
+    base, others = results[0], results[1:]
+    lines = [f"**Outcome against {base.name}:**", ""]
+    for t in thresholds:
+        b = _mean_reach(base, t)
+        if b is None:
+            lines.append(f"- {100 * t:g}%: {base.name} never reaches it; reached by "
+                         + (", ".join(r.name for r in others if _mean_reach(r, t) is not None) or "none"))
+            continue
+        faster = [r.name for r in others if (m := _mean_reach(r, t)) is not None and m < b]
+        slower = [r.name for r in others if (m := _mean_reach(r, t)) is not None and m > b]
+        same = [r.name for r in others if _mean_reach(r, t) == b]
+        never = [r.name for r in others if _mean_reach(r, t) is None]
+        parts = [f"{label}: {', '.join(names)}" for label, names in (("fewer steps", faster), ("more steps", slower),
+                                                                      ("the same", same), ("never", never)) if names]
+        lines.append(f"- {100 * t:g}% (baseline at step {b:.0f}): " + "; ".join(parts))
+    final = mean_std([s["final"]["test_acc"] for s in base.summaries])
+    higher, lower, within = [], [], []
+    for r in others:
+        m, sd = mean_std([s["final"]["test_acc"] for s in r.summaries])
+        if math.isnan(sd) or math.isnan(final[1]):
+            within.append(f"{r.name} (1 seed: no verdict)")
+        elif abs(m - final[0]) > sd + final[1]:
+            (higher if m > final[0] else lower).append(r.name)
+        else:
+            within.append(r.name)
+    parts = [f"{label}: {', '.join(names)}" for label, names in (("higher", higher), ("lower", lower),
+                                                                  ("within noise", within)) if names]
+    lines.append("- final test accuracy: " + "; ".join(parts))
+    return lines
+
+
+def _mean_reach(result: ConfigResult, threshold: float) -> float | None:
+    """Mean step at which the seeds reach ``threshold``, None unless every seed does."""
+    steps = [steps_to_reach(rows, threshold) for rows in result.curves]
+    if not steps or any(s is None for s in steps):
+        return None
+    return statistics.fmean(steps)
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
@@ -122,7 +175,8 @@ def write_report(results: list[ConfigResult], output: str | os.PathLike, thresho
             f"{first['steps']} steps of batch {_batch(first)} per run; baseline: {results[0].name}.", ""]
     if notes:
         text += [notes.strip(), ""]
-    text += [table, "", _LEGEND, "", f"![convergence]({PLOT_FILE})", "", "Runs:", ""]
+    text += [table, "", *outcome_lines(results, thresholds), "", _LEGEND, "", f"![convergence]({PLOT_FILE})", "",
+             "Runs:", ""]
     for result in results:
         text += [f"- {result.name}: " + ", ".join(f"`{s['run']}`" for s in result.summaries)]
     atomic_write_text(output / REPORT_FILE, "\n".join(text) + "\n")
@@ -135,7 +189,8 @@ def _batch(summary: dict[str, Any]) -> str:
 
 
 _LEGEND = (
-    "Mean ± sample std over seeds. *final*: the last weights; *best-on-val*: the weights with the highest validation "
+    "Mean ± sample std over seeds (one seed: no spread, marked \"(1 seed)\"). *final*: the last weights; "
+    "*best-on-val*: the weights with the highest validation "
     "accuracy (validation split carved from the training set; the test set is never used for selection); *peak test "
     "(reported)*: the maximum of the test-accuracy curve, i.e. selected on the test set as the official SphereNet "
     "README's \"best\" — shown for comparison only; the test curve itself is recorded at each evaluation for the "
@@ -167,8 +222,11 @@ def plot_convergence(results: list[ConfigResult], path: str | os.PathLike, title
 
     many = len(results) > 6  # then one legend beside the plots, so that it hides no curve
     fig, axes = plt.subplots(1, 2, figsize=(14.5 if many else 12, 4.5), dpi=110)
-    # every configuration its own (colour, line style, marker): the 10-colour cycle alone repeats colours
+    # every configuration its own (colour, line style, marker): the 10-colour cycle repeats colours beyond 10
+    # configurations, so those get tab20's 20 distinct colours
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(results) > len(colors):
+        colors = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
     styles = [(c, ls, mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")) for c in colors]
     for result, (color, linestyle, marker) in zip(results, styles * (1 + len(results) // len(styles))):
         for ax, key, scale in ((axes[0], "test_acc", 100.0), (axes[1], "train_loss", 1.0)):

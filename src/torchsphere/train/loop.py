@@ -294,6 +294,10 @@ def setup(config: TrainConfig) -> Run:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Trains (or resumes) one run and returns its summary (also written to ``summary.json`` by rank 0)."""
+    if config.sites is not None:  # training across sites: rounds of local epochs and averaging
+        from .collaborative import train_sites
+
+        return train_sites(config)
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)

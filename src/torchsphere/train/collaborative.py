@@ -236,7 +236,7 @@ def _end_round(cfg: TrainConfig, info: dist_utils.DistInfo, sites: list[Site], s
     val_acc, test_acc = dist_utils.broadcast_object(scores, info)
     seen = sum(x["seen"] for x in results)
     state["step"] += sum(x["steps"] for x in results)
-    row = dict(step=state["step"], epoch=(r + 1) * cfg.local_epochs, lr=results[0]["lr"],
+    row = dict(step=state["step"], epoch=(r + 1) * cfg.local_epochs - 1, lr=results[0]["lr"],  # 0-based, as loop
                train_loss=sum(x["loss_sum"] for x in results) / seen, train_acc=sum(x["correct"] for x in results) / seen,
                val_acc=val_acc, test_acc=test_acc, wall_time=round(state["wall_time"], 3))
     state["rows"].append(row)

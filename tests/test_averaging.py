@@ -278,7 +278,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
 
 # ---------------------------------------------------------------- errors
 @pytest.mark.parametrize("changes, message", [
-    (dict(rounds=None), r"sites=2 needs a budget in rounds \(rounds \* local_epochs epochs per site\); got rounds=None"),
+    (dict(rounds=None), r"sites=2 needs a budget in rounds \(rounds \* local_epochs epochs per site\); got "
+                        r"rounds=None"),
     (dict(sites=None), r"rounds needs sites \(training across sites\); got rounds=3 with sites=None"),
     (dict(sites=0), r"sites must be a positive integer or None; got 0"),
     (dict(local_epochs=1.5), r"local_epochs must be a positive integer; got 1.5"),
@@ -334,3 +335,27 @@ def test_cli_flags_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as done:
             main(base + extra)
         assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reset_gives_every_round_a_fresh_optimizer(tmp_path, monkeypatch):
+    states, real = [], loop.train_step
+
+    def record(run, x, y):
+        states.append(len(run.optimizer.state))  # parameters with optimizer state before this step
+        return real(run, x, y)
+
+    monkeypatch.setattr(loop, "train_step", record)
+    train(tiny(tmp_path / "run", sites=1, rounds=2, avg_optimizer="reset"))
+    assert states[0] == 0 and states[14] == 0 and min(states[1:14]) > 0  # 14 steps per round
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert "optimizer" not in saved["sites"][0]
+
+
+def test_processes_with_different_data_are_refused(tmp_path, monkeypatch):
+    def fake_gather(obj, info):
+        return [obj, dict(obj, classes=100)]
+
+    monkeypatch.setattr(collaborative.dist_utils, "gather_objects", fake_gather)
+    with pytest.raises(ValueError, match=r"the sites' processes loaded different training data \(rank 0 vs rank 1: "
+                                         r"classes: 4 vs 100\); the class count and the split must match"):
+        train(tiny(tmp_path / "run"))

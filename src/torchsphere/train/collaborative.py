@@ -237,7 +237,8 @@ def _end_round(cfg: TrainConfig, info: dist_utils.DistInfo, sites: list[Site], s
     seen = sum(x["seen"] for x in results)
     state["step"] += sum(x["steps"] for x in results)
     row = dict(step=state["step"], epoch=(r + 1) * cfg.local_epochs - 1, lr=results[0]["lr"],  # 0-based, as loop
-               train_loss=sum(x["loss_sum"] for x in results) / seen, train_acc=sum(x["correct"] for x in results) / seen,
+               train_loss=sum(x["loss_sum"] for x in results) / seen,
+               train_acc=sum(x["correct"] for x in results) / seen,
                val_acc=val_acc, test_acc=test_acc, wall_time=round(state["wall_time"], 3))
     state["rows"].append(row)
     state["site_rows"].extend(dict(round=r + 1, site=x["site"], samples=x["samples"], steps=x["steps"],
@@ -329,7 +330,6 @@ def _finish(cfg: TrainConfig, info: dist_utils.DistInfo, sites: list[Site], part
                                      amp=cfg.amp)
         best = dict(step=state["best_step"], val_acc=state["best_val_acc"], test_acc=best_test)
     best = dist_utils.broadcast_object(best, info)
-    per_round = len(data.train_y) // max(cfg.sites, 1)
     summary = dict(
         run=str(out), model=cfg.model, operator=cfg.operator, head=cfg.head, norm=cfg.norm, dataset=cfg.dataset,
         dataset_source=getattr(data, "source", ""), seed=cfg.seed, steps=state["step"], batch_size=cfg.batch_size,
@@ -341,8 +341,8 @@ def _finish(cfg: TrainConfig, info: dist_utils.DistInfo, sites: list[Site], part
         sites=dict(sites=cfg.sites, rounds=cfg.rounds, local_epochs=cfg.local_epochs, processes=info.world_size,
                    partition=partition.describe(), lr_cycle=cfg.lr_cycle, lr=cfg.lr,
                    lr_min=cfg.lr_min if cfg.lr_min is not None else cfg.lr / 10, avg_bn=cfg.avg_bn,
-                   avg_optimizer=cfg.avg_optimizer, weights="shard size", examples_seen=state["step"] * cfg.batch_size,
-                   mean_shard=per_round),
+                   avg_optimizer=cfg.avg_optimizer, weights="shard size",
+                   examples_seen=state["step"] * cfg.batch_size),
         selection="best = highest validation accuracy of the averaged model after a round; test accuracy is never "
                   "used for selection",
     )

@@ -159,8 +159,8 @@ def plot(found, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ["central-cyc", "central-const", "k4-iid-e1-cyc", "k4-iid-e4-cyc", "k4-iid-e4-const", "k4-dir-e1-cyc",
-             "k4-dir-e4-cyc", "k4-dir-e4-const"]
+    shown = ["central-cyc", "central-const", "k2-iid-e1-cyc", "k4-iid-e1-cyc", "k4-iid-e4-cyc", "k4-iid-e4-const",
+             "k4-dir-e1-cyc", "k4-dir-e4-cyc", "k4-dir-e4-const"]
     fig, axes = plt.subplots(1, len(MODELS), figsize=(12, 4.2), sharey=True)
     for ax, model in zip(axes, MODELS):
         for setting in shown:

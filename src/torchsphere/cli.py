@@ -158,6 +158,33 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
     g.add_argument("--orth", type=_NONNEG_FLOAT, default=S, metavar="C",
                    help=f"orthonormality penalty on sphere layers (official 1e-4) {d('orth')}")
 
+    g = parser.add_argument_group(
+        "training across sites", "K sites each train on their own shard; after every round of E local epochs (one "
+        "learning-rate cycle) their models are averaged, weighted by shard size (Xu, Mi, Feng et al., arXiv "
+        "1810.06877). One process simulates the K sites; under `torchrun --nproc_per_node=K` each process is one "
+        "site. The budget is --rounds (not --steps/--epochs); --batch-size is per site. See docs/collaborative.md.")
+    g.add_argument("--sites", type=_POS_INT, default=S, metavar="K", help="number of sites (default: none, plain "
+                   "training)")
+    g.add_argument("--rounds", type=_POS_INT, default=S, metavar="R", help="averaging rounds (required with --sites)")
+    g.add_argument("--local-epochs", type=_POS_INT, default=S, metavar="E",
+                   help=f"passes over its own shard per site between averagings {d('local_epochs')}")
+    g.add_argument("--partition", default=S, choices=("iid", "label-shards", "dirichlet"),
+                   help=f"how the training split is cut into the sites' shards {d('partition')}")
+    g.add_argument("--shards-per-site", type=_POS_INT, default=S, metavar="S",
+                   help=f"label-shards: label-sorted pieces per site {d('shards_per_site')}")
+    g.add_argument("--dirichlet-alpha", type=_POS_FLOAT, default=S, metavar="A",
+                   help=f"dirichlet: label-skew concentration, small = more skewed {d('dirichlet_alpha')}")
+    g.add_argument("--lr-cycle", default=S, choices=("triangular", "cosine", "constant"),
+                   help="learning rate over each round, between --lr-min and --lr: triangular (low-high-low, "
+                   f"Smith's CLR), cosine (restart high, anneal low) or constant {d('lr_cycle')}")
+    g.add_argument("--lr-min", type=_POS_FLOAT, default=S, metavar="LR", help="low end of the cycle (default: lr/10)")
+    g.add_argument("--avg-bn", default=S, choices=("average", "recompute"),
+                   help="BatchNorm running statistics after averaging: the weighted mean of the sites', or "
+                   f"recomputed over all sites' data with the averaged model {d('avg_bn')}")
+    g.add_argument("--avg-optimizer", default=S, choices=("average", "reset", "local"),
+                   help="optimizer state (moments, momentum) after averaging: weighted mean, fresh every round, or "
+                   f"kept per site {d('avg_optimizer')}")
+
     g = parser.add_argument_group("evaluation, checkpoints, runtime")
     g.add_argument("--eval-every", type=_POS_INT, default=S, metavar="STEPS", help=f"{d('eval_every')}")
     g.add_argument("--eval-batch-size", type=_POS_INT, default=S, metavar="N", help=f"{d('eval_batch_size')}")
@@ -319,6 +346,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .train.loop import setup, torch_threads, train_run
 
     config = train_config(args, parser)
+    if config.sites is not None:  # training across sites: rounds of local epochs and averaging
+        from .train import train
+        from .train.collaborative import SitesError
+
+        try:
+            train(config)
+        except (SitesError, *SETUP_ERRORS) as exc:  # the data or the launch does not allow these sites
+            parser.error(str(exc))
+        return 0
     with torch_threads(config.threads):
         try:
             run = setup(config)  # every configuration error surfaces here, before the first step

@@ -96,6 +96,17 @@ class TrainConfig:
     quiet: bool = False
     output: str = "runs/default"
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keywords (synthetic sizes)
+    # collaborative training across sites (train/collaborative.py; Xu, Mi, Feng et al., arXiv 1810.06877)
+    sites: int | None = None              # K sites, each on its own shard, averaged every round; None: plain training
+    rounds: int | None = None             # R rounds: the budget with sites (each site trains rounds * local_epochs)
+    local_epochs: int = 1                 # E passes over its own shard per site between two averagings
+    partition: str = "iid"                # iid | label-shards | dirichlet (torchsphere.data.shards)
+    shards_per_site: int = 2              # label-shards: label-sorted pieces per site
+    dirichlet_alpha: float = 0.5          # dirichlet: concentration of the per-class site shares
+    lr_cycle: str = "triangular"          # one cycle per round between lr_min and lr: triangular | cosine | constant
+    lr_min: float | None = None           # low end of the cycle (None: lr / 10)
+    avg_bn: str = "average"               # BatchNorm running statistics: average | recompute (on the sites' data)
+    avg_optimizer: str = "average"        # optimizer state: average | reset (every round) | local (kept per site)
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -175,6 +186,7 @@ class TrainConfig:
             raise ValueError(f"milestones must be increasing positive steps; got {self.milestones!r}")
         if self.anneal_lambda and self.head != "gasoftmax":
             raise ValueError(f"anneal_lambda needs head='gasoftmax'; got head={self.head!r}")
+        validate_sites(self)
 
     # ---------------------------------------------------------------- (de)serialization
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +221,57 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------- collaborative training across sites
+LR_CYCLES: tuple[str, ...] = ("triangular", "cosine", "constant")
+AVG_BN: tuple[str, ...] = ("average", "recompute")
+AVG_OPTIMIZER: tuple[str, ...] = ("average", "reset", "local")
+
+
+def validate_sites(config: TrainConfig) -> None:
+    """Checks the fields of training across sites (``sites`` ... ``avg_optimizer``); raises ValueError/TypeError."""
+    from ..data.shards import PARTITIONS
+
+    check_choice("partition", config.partition, PARTITIONS)
+    check_choice("lr_cycle", config.lr_cycle, LR_CYCLES)
+    check_choice("avg_bn", config.avg_bn, AVG_BN)
+    check_choice("avg_optimizer", config.avg_optimizer, AVG_OPTIMIZER)
+    for name in ("sites", "rounds", "local_epochs", "shards_per_site"):
+        value = getattr(config, name)
+        if value is None and name in ("sites", "rounds"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer{' or None' if name in ('sites', 'rounds') else ''}; "
+                             f"got {value!r}")
+    for name in ("dirichlet_alpha", "lr_min"):
+        value = getattr(config, name)
+        if value is None and name == "lr_min":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0{' or None' if name == 'lr_min' else ''}; "
+                             f"got {value!r}")
+    if config.lr_min is not None and config.lr_min > config.lr:
+        raise ValueError(f"lr_min must not exceed lr (the cycle runs between lr_min and lr); got lr_min="
+                         f"{config.lr_min!r} > lr={config.lr!r}")
+    if config.sites is None:
+        if config.rounds is not None:
+            raise ValueError(f"rounds needs sites (training across sites); got rounds={config.rounds!r} with "
+                             f"sites=None")
+        return
+    if config.rounds is None:
+        raise ValueError(f"sites={config.sites} needs a budget in rounds (rounds * local_epochs epochs per site); "
+                         f"got rounds=None")
+    refused = dict(steps=config.steps is not None, epochs=config.epochs is not None,
+                   milestones=bool(config.milestones), checkpoint_every=config.checkpoint_every != 0,
+                   sync_bn=config.sync_bn, compile=config.compile, precise_bn=config.precise_bn != 0,
+                   bn_shadow=bool(config.bn_shadow), bn_drift=config.bn_drift != 0)
+    bad = [name for name, given in refused.items() if given]
+    if bad:
+        raise ValueError(f"with sites the budget is rounds * local_epochs, the lr follows lr_cycle, checkpoints "
+                         f"are written at round ends and the BN statistics follow avg_bn: {', '.join(bad)} cannot be "
+                         f"set (got "
+                         + ", ".join(f"{name}={getattr(config, name)!r}" for name in bad) + ")")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:

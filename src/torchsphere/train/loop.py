@@ -398,6 +398,10 @@ def setup(config: TrainConfig) -> Run:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Trains (or resumes) one run and returns its summary (also written to ``summary.json`` by rank 0)."""
+    if config.sites is not None:  # training across sites: rounds of local epochs and averaging
+        from .collaborative import train_sites
+
+        return train_sites(config)
     with torch_threads(config.threads):
         return train_run(setup(config))
 

@@ -1,4 +1,5 @@
-"""The ``torchsphere`` command line: ``train``, ``compare``, ``evaluate``, ``predict``. Parsing and calls only.
+"""The ``torchsphere`` command line: ``train``, ``compare``, ``evaluate``, ``predict``, ``ensemble``. Parsing and calls
+only.
 
 Two-stage configuration (timm style, STYLE practice 15): ``--config file.yaml`` sets :class:`TrainConfig` defaults,
 flags override them, and the resolved configuration is saved as ``config.yaml`` in the run folder. Bad arguments
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_POS_INT, default=1, help="(default: 1)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    # ensemble: k-NN ranking of a pool of runs, fine-tuning sweep, greedy ensemble (torchsphere.ensemble.command)
+    from .ensemble.command import add_ensemble_parser
+
+    add_ensemble_parser(sub)
     for name, subparser in sub.choices.items():
         subparser.set_defaults(_parser=subparser)
     return parser
@@ -251,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    command = {"train": _train, "compare": _compare, "evaluate": _evaluate, "predict": _predict}[args.command]
+    command = {"train": _train, "compare": _compare, "evaluate": _evaluate, "predict": _predict,
+               "ensemble": _ensemble}[args.command]
     return command(args, args._parser)
 
 
@@ -338,6 +344,12 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for n, result in enumerate(results):
             print(f"{n}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in result))
     return 0
+
+
+def _ensemble(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .ensemble.command import run_command
+
+    return run_command(args, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

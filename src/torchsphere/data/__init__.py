@@ -13,13 +13,16 @@ from .folder import read_image_folder
 from .idx import read_idx, read_mnist_split
 from .registry import build_dataset, list_datasets, register_dataset
 from .splits import DatasetNotFoundError, DatasetSplits, normalize_pixels, stratified_split
+from .subset import FewShotTask, fewshot_task  # registers the "subset" dataset (class subsets, k-shot draws)
 
 __all__ = [
     "Augment",
     "DatasetNotFoundError",
     "DatasetSplits",
+    "FewShotTask",
     "build_dataset",
     "crop_flip",
+    "fewshot_task",
     "list_augments",
     "list_datasets",
     "make_augment",

@@ -26,7 +26,8 @@ def find_pool(paths: list[str | os.PathLike]) -> list[PoolMember]:
     """The run folders given, or found below the folders given (sorted, depth-first), in the order of ``paths``.
 
     A member's name is its path relative to the folder given (the folder's own name for a run folder given
-    directly), prefixed by that folder's name when several folders are given. A run found twice counts once.
+    directly); with several folders, relative to their common parent. Path components named ``runs`` (the folder
+    that ``torchsphere compare`` trains into) are left out of names. A run found twice counts once.
 
     Raises:
         ValueError: no paths, or no run folder found (an empty pool).
@@ -36,6 +37,7 @@ def find_pool(paths: list[str | os.PathLike]) -> list[PoolMember]:
         raise ValueError("the pool is empty: give at least one run folder or folder of runs (--pool DIR ...)")
     members: list[PoolMember] = []
     seen: set[Path] = set()
+    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths])) if len(paths) > 1 else None
     for given in map(Path, paths):
         if not given.exists():
             raise FileNotFoundError(f"pool path {str(given)!r} does not exist")
@@ -47,8 +49,11 @@ def find_pool(paths: list[str | os.PathLike]) -> list[PoolMember]:
             if run.resolve() in seen:
                 continue
             seen.add(run.resolve())
-            rel = run.name if run == given else run.relative_to(given).as_posix()
-            name = f"{given.name}/{rel}" if len(paths) > 1 and run != given else rel
+            if common is not None:
+                rel = run.resolve().relative_to(common).as_posix()
+            else:
+                rel = run.name if run == given else run.relative_to(given).as_posix()
+            name = "/".join(part for part in rel.split("/") if part != "runs") or run.name
             members.append(PoolMember(name, run))
     if not members:
         raise ValueError(f"the pool is empty: no finished run folder (config.yaml + data.json + model.safetensors) "

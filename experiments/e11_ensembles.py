@@ -143,10 +143,10 @@ def write_page(output: Path, page: Path) -> str:
         "Mustafa et al. (*Deep Ensembles for Low-Data Transfer Learning*, arXiv 2010.06866, 2020) rank a pool of "
         "pre-trained models by k-NN accuracy on the downstream data, fine-tune the best few with a small sweep and "
         "select an ensemble greedily on validation cross-entropy; they report that diversity from different "
-        f"pre-training beats diversity from seeds. Here the pool is {len(pool_rows)} small models trained by torchsphere on "
-        "Fashion-MNIST classes that the downstream task never sees; downstream is the four upper-body classes "
-        "(T-shirt/top, Pullover, Coat, Shirt), the hardest group of the dataset. The paper's body was not available "
-        "to us: every setting below is torchsphere's choice (docs/ensembles.md lists them).",
+        f"pre-training beats diversity from seeds. Here the pool is {len(pool_rows)} small models trained by "
+        "torchsphere on Fashion-MNIST classes that the downstream task never sees; downstream is the four "
+        "upper-body classes (T-shirt/top, Pullover, Coat, Shirt), the hardest group of the dataset. The paper's "
+        "body was not available to us: every setting below is torchsphere's choice (docs/ensembles.md lists them).",
         "",
         f"**Setting.** Pool: {len(pool_rows)} runs (`experiments/e11_pool.yaml`, `experiments/e11_pool_seeds.yaml`), "
         "width 1/16 (8/12/16 channels, fc6 256), 200 steps of batch 128, Adam 1e-3, BatchNorm momentum 0.1, 5% "

@@ -357,7 +357,8 @@ def render_report(results: dict[str, Any]) -> str:
         tuned = "yes" if r["rank"] <= spec["top"] else ""
         lines.append(f"| {r['rank']} | {r['name']} | {r['model']} | {r['operator'] or 'default'} | {r['head']} | "
                      f"{r['upstream']} | {r['layer']} ({r['feature_dim']}) | {_f(r['knn_acc'])} | {tuned} |")
-    lines += ["", "## Fine-tuned runs", "", "| member | lr | steps | seed | val acc % | val CE | test acc % | test CE |",
+    lines += ["", "## Fine-tuned runs", "",
+              "| member | lr | steps | seed | val acc % | val CE | test acc % | test CE |",
               "|---|---|---|---|---|---|---|---|"]
     for r in results["finetuned"]:
         lines.append(f"| {r['member']} | {r['lr']:g} | {r['steps']} | {r['seed']} | {_f(r['val_acc'])} | "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -29,8 +30,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_OUTPUT = ROOT / "reports" / "e11_ensembles"
-PAGE = ROOT / "docs" / "results" / "e11_ensembles.md"
+DEFAULT_OUTPUT = Path("reports") / "e11_ensembles"  # relative to ROOT (main() changes into it)
+PAGE = Path("docs") / "results" / "e11_ensembles.md"
 PLOT = "e11_ensembles.png"
 SHOTS = (1, 5, 10, 25)
 DRAWS = tuple(range(5))
@@ -304,12 +305,14 @@ def plot_page(by_shot: dict[int, list[dict[str, Any]]], methods: list[str], path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=None, help=f"(default: {DEFAULT_OUTPUT.relative_to(ROOT)})")
-    parser.add_argument("--page", type=Path, default=None, help=f"(default: {PAGE.relative_to(ROOT)})")
+    parser.add_argument("--output", type=Path, default=None, help=f"(default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--page", type=Path, default=None, help=f"(default: {PAGE})")
     parser.add_argument("--report-only", action="store_true", help="train nothing; regenerate the page")
     parser.add_argument("--quick", action="store_true", help="smoke test into reports/e11_ensembles-quick")
     args = parser.parse_args(argv)
-    output = args.output or (ROOT / "reports" / "e11_ensembles-quick" if args.quick else DEFAULT_OUTPUT)
+    args.output, args.page = (p.resolve() if p is not None else None for p in (args.output, args.page))
+    os.chdir(ROOT)  # every path below (and in the results files) relative to the repository root
+    output = args.output or (Path("reports") / "e11_ensembles-quick" if args.quick else DEFAULT_OUTPUT)
     page = args.page or (output / "e11_ensembles.md" if args.quick else PAGE)
     output.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

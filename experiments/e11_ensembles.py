@@ -184,36 +184,48 @@ def write_page(output: Path, page: Path) -> str:
     lines += ["", "### Test accuracy % (mean ± std over draws)", "",
               "| method | " + " | ".join(f"k = {k} ({len(by_shot[k])} draws)" for k in shots) + " |",
               "|---|" + "---|" * len(shots)]
-    present = [m for m in METHODS if all(m in r["methods"] for k in shots for r in by_shot[k])]
+    present = [m for m in METHODS if any(m in r["methods"] for k in shots for r in by_shot[k])]
+
+    def cell(m: str, k: int, key: str, scale: float = 100.0, digits: int = 1) -> str:
+        rs = [r for r in by_shot[k] if m in r["methods"]]
+        text = _ms([r["methods"][m][key] for r in rs], scale, digits)
+        return text if len(rs) == len(by_shot[k]) else f"{text} ({len(rs)} draws)"
+
     for m in present:
-        lines.append(f"| {m} | " + " | ".join(_ms([r["methods"][m]["test_acc"] for r in by_shot[k]])
-                                               for k in shots) + " |")
+        lines.append(f"| {m} | " + " | ".join(cell(m, k, "test_acc") for k in shots) + " |")
     lines += ["", "### Test cross-entropy (mean ± std over draws)", "",
               "| method | " + " | ".join(f"k = {k}" for k in shots) + " |", "|---|" + "---|" * len(shots)]
     for m in present:
-        lines.append(f"| {m} | " + " | ".join(_ms([r["methods"][m]["test_nll"] for r in by_shot[k]], 1.0, 3)
-                                               for k in shots) + " |")
-    lines += ["", "### Paired differences on test accuracy (percentage points; wins / ties / losses over draws)", "",
-              "| comparison | " + " | ".join(f"k = {k}" for k in shots) + " | all draws: mean, W/T/L, sign-test p |",
-              "|---|" + "---|" * (len(shots) + 1)]
+        lines.append(f"| {m} | " + " | ".join(cell(m, k, "test_nll", 1.0, 3) for k in shots) + " |")
     pairs = [("greedy", "best-knn"), ("greedy", "best-single"), ("greedy", "seed-only"), ("greedy", "random"),
              ("topk-knn", "seed-only"), ("topk-knn", "random"), ("greedy", "greedy-plain-only")]
     verdict: dict[tuple[str, str], tuple[float, int, int, int, float]] = {}
-    for a, b in pairs:
-        if a not in present or b not in present:
-            continue
-        cells, all_a, all_b = [], [], []
-        for k in shots:
-            xa = [r["methods"][a]["test_acc"] for r in by_shot[k]]
-            xb = [r["methods"][b]["test_acc"] for r in by_shot[k]]
-            mean, w, t, l = _paired(xa, xb)
-            cells.append(f"{100 * mean:+.1f} ({w}/{t}/{l})")
-            all_a += xa
-            all_b += xb
-        mean, w, t, l = _paired(all_a, all_b)
-        p = _sign_p(w, l)
-        verdict[(a, b)] = (mean, w, t, l, p)
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + f" | {100 * mean:+.2f}, {w}/{t}/{l}, p = {p:.3f} |")
+    for key, title, scale, unit in (("test_acc", "test accuracy (percentage points", 100.0, "+.1f"),
+                                    ("test_nll", "test cross-entropy (lower is better", 1.0, "+.3f")):
+        lines += ["", f"### Paired differences on {title}; wins / ties / losses = first higher / equal / lower)", "",
+                  "| comparison | " + " | ".join(f"k = {k}" for k in shots)
+                  + " | all draws: mean, W/T/L, sign-test p |", "|---|" + "---|" * (len(shots) + 1)]
+        for a, b in pairs:
+            if a not in present or b not in present:
+                continue
+            cells, all_a, all_b = [], [], []
+            for k in shots:
+                rs = [r for r in by_shot[k] if a in r["methods"] and b in r["methods"]]  # paired: the same draws
+                xa = [r["methods"][a][key] for r in rs]
+                xb = [r["methods"][b][key] for r in rs]
+                if not rs:
+                    cells.append("—")
+                    continue
+                mean, w, t, l = _paired(xa, xb)
+                cells.append(f"{scale * mean:{unit}} ({w}/{t}/{l})")
+                all_a += xa
+                all_b += xb
+            mean, w, t, l = _paired(all_a, all_b)
+            p = _sign_p(w, l)
+            if key == "test_acc":
+                verdict[(a, b)] = (mean, w, t, l, p)
+            lines.append(f"| {a} − {b} | " + " | ".join(cells)
+                         + f" | {scale * mean:{unit}}, {w}/{t}/{l}, p = {p:.3f} |")
     lines += ["", "### The greedy ensembles", "",
               "| k | distinct members (mean) | with a SphereNet member | with ≥ 2 upstream tasks | "
               "k-NN vs fine-tuned Spearman (mean) |", "|---|---|---|---|---|"]
@@ -230,7 +242,8 @@ def write_page(output: Path, page: Path) -> str:
         lines.append(f"| {k} | {statistics.fmean(distinct):.1f} | {sphere}/{len(rs)} | {sum(upstream)}/{len(rs)} | "
                      f"{statistics.fmean(rho) if rho else math.nan:.2f} |")
     lines += ["", f"![E11: test accuracy and cross-entropy against examples per class]({PLOT})", ""]
-    plot_page(by_shot, present, page.parent / PLOT)
+    complete = [m for m in present if all(m in r["methods"] for k in shots for r in by_shot[k])]
+    plot_page(by_shot, complete, page.parent / PLOT)
     lines += _readings(verdict)
     from run_all import machine
 
@@ -259,10 +272,11 @@ def _readings(verdict: dict[tuple[str, str], tuple[float, int, int, int, float]]
            "positive and the two-sided sign test over the draws gives p < 0.05; otherwise \"no clear difference\").",
            ""]
     names = {("greedy", "seed-only"): "pre-training diversity (greedy) vs seed diversity (seed-only), same size",
-             ("topk-knn", "seed-only"): "three different pre-trained models (topk-knn) vs three seeds of the best",
+             ("topk-knn", "seed-only"): "the top-3 k-NN models averaged (topk-knn) vs the seed-only ensemble",
              ("greedy", "best-knn"): "greedy ensemble vs the best single model by k-NN",
              ("greedy", "random"): "greedy vs a random ensemble of the same size",
-             ("greedy", "greedy-plain-only"): "greedy with vs without the SphereNet runs"}
+             ("greedy", "greedy-plain-only"): "greedy with vs without the SphereNet runs (draws whose library has "
+                                              "both kinds)"}
     for key, label in names.items():
         if key not in verdict:
             continue
@@ -315,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (Path("reports") / "e11_ensembles-quick" if args.quick else DEFAULT_OUTPUT)
     page = args.page or (output / "e11_ensembles.md" if args.quick else PAGE)
     output.mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the training threads, and what the hardware line reports
+    if not args.report_only:
         with Timer(output, "pool"):
             pool = train_pool(output, args.quick)
         with Timer(output, "downstream"):

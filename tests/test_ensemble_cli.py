@@ -151,3 +151,26 @@ def test_a_folder_with_another_specification_is_refused(pool, reference, capsys)
     code, text = run_cli(["ensemble", "--pool", str(pool), *TASK, *RUN, "--max-size", "2", "--output", str(out)],
                          capsys)
     assert code == 2 and "holds an ensemble run with another specification (max_size: 3 -> 2)" in text
+
+
+def test_selection_never_looks_at_the_test_split(pool, reference, tmp_path, monkeypatch):
+    """With every test image replaced by NaN, the ranking, the sweep choices and the ensembles stay the same."""
+    import torchsphere.ensemble.runner as runner
+
+    real = runner.fewshot_task
+
+    def poisoned(*args, **kwargs):
+        task = real(*args, **kwargs)
+        task.test_x = torch.full_like(task.test_x, float("nan"))
+        return task
+
+    monkeypatch.setattr(runner, "fewshot_task", poisoned)
+    out = tmp_path / "nan-test"
+    assert main(["ensemble", "--pool", str(pool), *TASK, *RUN, "--output", str(out)]) == 0
+    got, ref = json.loads((out / "results.json").read_text()), reference[1]
+    assert got["greedy"]["pick_indices"] == ref["greedy"]["pick_indices"]
+    assert [r["rank"] for r in got["knn"]] == [r["rank"] for r in ref["knn"]]
+    for name, method in ref["methods"].items():
+        assert got["methods"][name]["members"] == method["members"]
+        assert got["methods"][name]["val_nll"] == method["val_nll"]
+        assert got["methods"][name]["test_nll"] != got["methods"][name]["test_nll"]  # NaN: the test was poisoned

@@ -199,7 +199,7 @@ def write_page(output: Path, page: Path) -> str:
         lines.append(f"| {m} | " + " | ".join(cell(m, k, "test_nll", 1.0, 3) for k in shots) + " |")
     pairs = [("greedy", "best-knn"), ("greedy", "best-single"), ("greedy", "seed-only"), ("greedy", "random"),
              ("topk-knn", "seed-only"), ("topk-knn", "random"), ("greedy", "greedy-plain-only")]
-    verdict: dict[tuple[str, str], tuple[float, int, int, int, float]] = {}
+    verdict: dict[tuple[str, str, str], tuple[float, int, int, int, float]] = {}
     for key, title, scale, unit in (("test_acc", "test accuracy (percentage points", 100.0, "+.1f"),
                                     ("test_nll", "test cross-entropy (lower is better", 1.0, "+.3f")):
         lines += ["", f"### Paired differences on {title}; wins / ties / losses = first higher / equal / lower)", "",
@@ -222,8 +222,7 @@ def write_page(output: Path, page: Path) -> str:
                 all_b += xb
             mean, w, t, l = _paired(all_a, all_b)
             p = _sign_p(w, l)
-            if key == "test_acc":
-                verdict[(a, b)] = (mean, w, t, l, p)
+            verdict[(key, a, b)] = (mean, w, t, l, p)
             lines.append(f"| {a} − {b} | " + " | ".join(cells)
                          + f" | {scale * mean:{unit}}, {w}/{t}/{l}, p = {p:.3f} |")
     lines += ["", "### The greedy ensembles", "",
@@ -265,25 +264,30 @@ def write_page(output: Path, page: Path) -> str:
     return text
 
 
-def _readings(verdict: dict[tuple[str, str], tuple[float, int, int, int, float]]) -> list[str]:
-    """Generated sentences; the rule: "higher" = mean paired difference > 0 and the sign test over all 20 draws
-    gives p < 0.05; "no clear difference" otherwise."""
-    out = ["**Readings** (rule: a method is called better when its mean paired difference over all draws is "
-           "positive and the two-sided sign test over the draws gives p < 0.05; otherwise \"no clear difference\").",
-           ""]
+def _readings(verdict: dict[tuple[str, str, str], tuple[float, int, int, int, float]]) -> list[str]:
+    """Generated sentences; the rule: "better" = the mean paired difference over all draws favours it (higher
+    accuracy, lower cross-entropy) and the two-sided sign test over the draws gives p < 0.05."""
+    out = ["**Readings** (rule: a method is called better when its mean paired difference over all draws favours it "
+           "— higher test accuracy, lower test cross-entropy — and the two-sided sign test over the draws gives "
+           "p < 0.05; otherwise \"no clear difference\").", ""]
     names = {("greedy", "seed-only"): "pre-training diversity (greedy) vs seed diversity (seed-only), same size",
              ("topk-knn", "seed-only"): "the top-3 k-NN models averaged (topk-knn) vs the seed-only ensemble",
              ("greedy", "best-knn"): "greedy ensemble vs the best single model by k-NN",
              ("greedy", "random"): "greedy vs a random ensemble of the same size",
              ("greedy", "greedy-plain-only"): "greedy with vs without the SphereNet runs (draws whose library has "
                                               "both kinds)"}
-    for key, label in names.items():
-        if key not in verdict:
-            continue
-        mean, w, t, l, p = verdict[key]
-        word = f"{key[0]} higher" if mean > 0 and p < 0.05 else (f"{key[1]} higher" if mean < 0 and p < 0.05
-                                                                 else "no clear difference")
-        out.append(f"- {label}: {100 * mean:+.2f} points, {w}/{t}/{l} wins/ties/losses, p = {p:.3f}: **{word}**.")
+    for (a, b), label in names.items():
+        parts = []
+        for key, what, sign, fmt, scale in (("test_acc", "accuracy", 1, "+.2f", 100.0),
+                                            ("test_nll", "cross-entropy", -1, "+.3f", 1.0)):
+            if (key, a, b) not in verdict:
+                continue
+            mean, w, t, l, p = verdict[(key, a, b)]
+            word = f"{a} better" if sign * mean > 0 and p < 0.05 else (
+                f"{b} better" if sign * mean < 0 and p < 0.05 else "no clear difference")
+            parts.append(f"{what} {scale * mean:{fmt}} ({w}/{t}/{l}, p = {p:.3f}): **{word}**")
+        if parts:
+            out.append(f"- {label}: " + "; ".join(parts) + ".")
     return out
 
 

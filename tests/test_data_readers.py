@@ -326,7 +326,8 @@ def test_limits(tmp_path):
 
 
 def test_build_dataset_bad_arguments(tmp_path):
-    assert list_datasets() == ["fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    assert list_datasets() == ["fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "imagefolder", "synthetic",
+                               "subset"]
     with pytest.raises(ValueError, match="unknown dataset 'cifar'; choose from .*'cifar10'.*'synthetic'"):
         build_dataset("cifar")
     for bad in (1.0, -0.1, 1.5):

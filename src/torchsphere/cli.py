@@ -1,4 +1,5 @@
-"""The ``torchsphere`` command line: ``train``, ``compare``, ``evaluate``, ``predict``. Parsing and calls only.
+"""The ``torchsphere`` command line: ``train``, ``compare``, ``evaluate``, ``predict``, ``ensemble``. Parsing and calls
+only.
 
 Two-stage configuration (as timm's ``train.py``): ``--config file.yaml`` sets :class:`TrainConfig` defaults, flags
 override them, and the resolved configuration is saved as ``config.yaml`` in the run folder; ``--output DIR --resume``
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bilinear, antialiased) instead of refusing them")
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    # ensemble: k-NN ranking of a pool of runs, fine-tuning sweep, greedy ensemble (torchsphere.ensemble.command)
+    from .ensemble.command import add_ensemble_parser
+
+    add_ensemble_parser(sub)
     for name, subparser in sub.choices.items():
         subparser.set_defaults(_parser=subparser)
     return parser
@@ -332,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args._argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    command = {"train": _train, "compare": _compare, "evaluate": _evaluate, "predict": _predict}[args.command]
+    command = {"train": _train, "compare": _compare, "evaluate": _evaluate, "predict": _predict,
+               "ensemble": _ensemble}[args.command]
     return command(args, args._parser)
 
 
@@ -469,6 +475,12 @@ def _check_cuda(parser: argparse.ArgumentParser) -> None:
 
     if not torch.cuda.is_available():
         parser.error("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
+
+
+def _ensemble(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .ensemble.command import run_command
+
+    return run_command(args, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,15 +13,18 @@ from .folder import read_image_folder
 from .idx import read_idx, read_mnist_split
 from .registry import DEFAULT_AUGMENTS, build_dataset, default_augment, list_datasets, register_dataset
 from .splits import DatasetNotFoundError, DatasetSplits, normalize_pixels, stratified_split
+from .subset import FewShotTask, fewshot_task  # registers the "subset" dataset (class subsets, k-shot draws)
 
 __all__ = [
     "DEFAULT_AUGMENTS",
     "Augment",
     "DatasetNotFoundError",
     "DatasetSplits",
+    "FewShotTask",
     "build_dataset",
     "crop_flip",
     "default_augment",
+    "fewshot_task",
     "list_augments",
     "list_datasets",
     "make_augment",

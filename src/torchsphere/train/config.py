@@ -90,6 +90,9 @@ class TrainConfig:
     quiet: bool = False
     output: str = "runs/default"
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keywords (synthetic sizes)
+    # learning-curve protocol (torchsphere curves): train on one class-stratified disjoint partition of the pool left
+    # after a validation split carved with the partition's seed; {"per_class": n, "index": i, "seed": s} or None
+    partition: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -152,6 +155,13 @@ class TrainConfig:
             raise ValueError(f"milestones must be increasing positive steps; got {self.milestones!r}")
         if self.anneal_lambda and self.head != "gasoftmax":
             raise ValueError(f"anneal_lambda needs head='gasoftmax'; got head={self.head!r}")
+        if self.partition is not None:
+            from ..data.partitions import Partition
+
+            self.partition = Partition.from_dict(self.partition).to_dict()
+            if self.limit_train is not None:
+                raise ValueError(f"limit_train and partition exclude each other (a partition is already a subset); "
+                                 f"got limit_train={self.limit_train!r}, partition={self.partition!r}")
 
     # ---------------------------------------------------------------- (de)serialization
     def to_dict(self) -> dict[str, Any]:

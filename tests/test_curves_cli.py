@@ -134,6 +134,6 @@ def test_curves_writes_every_file_reuses_runs_and_resumes_after_a_kill(tmp_path,
     capsys.readouterr()
     refit_more = [a if a != "1,1,2" else "1,1,3" for a in TINY]  # one more partition at N/4: not trained
     assert exit_code(["curves", *refit_more, "--refit-only", "--output", str(killed)]) == 2
-    assert "--refit-only: 1 of 9 runs are not finished" in capsys.readouterr().err
+    assert "--refit-only: 2 of 10 runs are not finished" in capsys.readouterr().err
     assert exit_code(["curves", *TINY, "--epochs", "2", "--output", str(killed)]) == 2
     assert "holds a run with another configuration" in capsys.readouterr().err

@@ -427,7 +427,6 @@ def _add_curves_parser(sub) -> None:
 
 
 def _curves(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .data import DatasetNotFoundError
     from .train.curves import CurvesSpec, run_curves
     from .train.compare import spec_from_models
 
@@ -461,7 +460,7 @@ def _curves(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             parser.error("give --spec YAML or --models M1,M2")
         result = run_curves(spec, args.output, overrides, quiet=quiet, refit_only=bool(values.get("refit_only")))
-    except (TypeError, ValueError, DatasetNotFoundError) as exc:
+    except (TypeError, ValueError, FileNotFoundError) as exc:  # FileNotFoundError: a missing dataset or run
         parser.error(str(exc))
     for name, fit in result["fits"].items():
         print(f"{name}: e_N {fit['e_N']:.2f} [{fit['e_N_ci'][0]:.2f}, {fit['e_N_ci'][1]:.2f}]  beta_N "

@@ -100,3 +100,16 @@ def test_validation_and_test_splits_never_change_with_n_or_the_run_seed():
     half = [build_data(TrainConfig(**base, partition={"per_class": 50, "index": i, "seed": 3})) for i in (0, 1)]
     a, b = ({tuple(x.flatten().tolist()) for x in d.train_x} for d in half)
     assert not a & b
+
+
+def test_train_command_takes_a_partition(capsys):
+    from torchsphere.cli import build_parser, main, train_config
+
+    args = build_parser().parse_args(["train", "--partition", "10,1,2", "--output", "x"])
+    assert train_config(args, args._parser).partition == {"per_class": 10, "index": 1, "seed": 2}
+    args = build_parser().parse_args(["train", "--partition", "10", "--output", "x"])
+    assert train_config(args, args._parser).partition == {"per_class": 10, "index": 0, "seed": 0}
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--partition", "0,1", "--output", "x"])
+    assert info.value.code == 2
+    assert "expected PER_CLASS[,INDEX[,SEED]] with PER_CLASS >= 1, got '0,1'" in capsys.readouterr().err

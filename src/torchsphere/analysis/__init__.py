@@ -5,11 +5,15 @@ several training-set sizes (samples per class), as the official code github.com/
 reports ``e_N``, the data-reliance ``beta_N`` and intervals over all three parameters. ``curve_crossings`` and
 ``compare_fits`` compare two fitted curves. See docs/learning_curves.md.
 """
+from .comparison import Crossing, compare_fits, curve_crossings
 from .learning_curve import GAMMA_GRID, V0, LearningCurveFit, fit_learning_curve
 
 __all__ = [
+    "Crossing",
     "GAMMA_GRID",
     "LearningCurveFit",
     "V0",
+    "compare_fits",
+    "curve_crossings",
     "fit_learning_curve",
 ]

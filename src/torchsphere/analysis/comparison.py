@@ -3,7 +3,7 @@
 "Given two classifiers with similar e_N, the one with higher beta_N is said to be more data-reliant and would
 outperform when trained on more data but underperform with less data" (the paper's project page). Two curves
 ``e_A(n)`` and ``e_B(n)`` cross where ``e_A(n) = e_B(n)``; a crossing is found on a log-spaced grid and refined by
-bisection. A crossing beyond 4N lies where the official README stops trusting the curves, and one below the smallest
+bisection (numpy only). A crossing beyond 4N lies where the official README stops trusting the curves, and one below the smallest
 measured size is an extrapolation too: both are flagged, never hidden.
 """
 from __future__ import annotations
@@ -13,11 +13,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
 
 from .learning_curve import LearningCurveFit
 
 _GRID_POINTS = 2000
+_BISECTIONS = 200  # halvings of a bracket in log n: far below float64 resolution
+
+
+def _bisect(f, lo: float, hi: float) -> float:
+    """A root of ``f`` in ``[lo, hi]`` (``f(lo)`` and ``f(hi)`` of opposite signs), bisected in log n."""
+    f_lo = f(lo)
+    for _ in range(_BISECTIONS):
+        mid = math.sqrt(lo * hi)
+        if mid in (lo, hi):
+            break
+        f_mid = f(mid)
+        if (f_mid < 0) == (f_lo < 0):
+            lo, f_lo = mid, f_mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ def curve_crossings(a: LearningCurveFit, b: LearningCurveFit, *, n_min: float | 
         lo, hi = float(grid[i]), float(grid[i + 1])
         if values[i] == 0 and found and math.isclose(found[-1].n, lo):
             continue
-        n = lo if values[i] == 0 else (hi if values[i + 1] == 0 else brentq(diff, lo, hi, xtol=1e-10, rtol=1e-12))
+        n = lo if values[i] == 0 else (hi if values[i + 1] == 0 else _bisect(diff, lo, hi))
         after = diff(n * 1.001)
         found.append(Crossing(n=float(n), error=float(a.e(n)), below="a" if after < 0 else "b",
                               trusted=trusted_min <= n <= trusted_max))

@@ -11,6 +11,7 @@ from .cifar import read_cifar10, read_cifar100
 from .digits import read_digits
 from .folder import read_image_folder
 from .idx import read_idx, read_mnist_split
+from .partitions import Partition, apply_partition, partition_indices, partition_schedule
 from .registry import build_dataset, list_datasets, register_dataset
 from .splits import DatasetNotFoundError, DatasetSplits, normalize_pixels, stratified_split
 
@@ -18,12 +19,16 @@ __all__ = [
     "Augment",
     "DatasetNotFoundError",
     "DatasetSplits",
+    "Partition",
+    "apply_partition",
     "build_dataset",
     "crop_flip",
     "list_augments",
     "list_datasets",
     "make_augment",
     "normalize_pixels",
+    "partition_indices",
+    "partition_schedule",
     "random_crop",
     "random_hflip",
     "read_cifar10",

@@ -77,6 +77,13 @@ def test_spec_file_errors_exit_2(tmp_path, capsys):
         CurvesSpec(runs=[{"name": "a", "model": "cnn9", "seed": 3}])
     with pytest.raises(ValueError, match="measure must be one of"):
         CurvesSpec(runs=[{"name": "a"}], measure="peak")
+    with pytest.raises(ValueError, match="'val_fraction' must be the same for every configuration"):
+        CurvesSpec(runs=[{"name": "a", "val_fraction": 0.2}])
+    with pytest.raises(ValueError, match="at least 3 sizes; got num_sizes=2"):
+        CurvesSpec(runs=[{"name": "a"}], num_sizes=2)
+    with pytest.raises(ValueError, match="variance cannot be estimated"):
+        CurvesSpec(runs=[{"name": "a"}], num_sizes=3, reps=[1, 1, 1])
+    assert CurvesSpec(runs=[{"name": "a"}], num_sizes=3, reps=[1, 1, 1], v1=20).v1 == 20
 
 
 def test_curves_writes_every_file_reuses_runs_and_resumes_after_a_kill(tmp_path, monkeypatch, capsys):

@@ -36,6 +36,7 @@ FIT_FILE = "fit.json"
 MEASURES = ("best", "final")
 _SPEC_KEYS = {"title", "description", "train", "runs", "num_sizes", "reps", "N", "split_seed", "epochs", "steps",
               "min_steps", "evaluations", "measure", "gamma", "v1", "level"}
+_SHARED_DATA_KEYS = ("dataset", "data_dir", "val_fraction", "limit_test", "dataset_kwargs")
 CSV_FIELDS = ("config", "per_class", "total", "partition", "seed", "steps", "epochs", "test_error", "val_error",
               "final_test_error", "run")
 
@@ -98,10 +99,19 @@ class CurvesSpec:
         for key in ("steps", "epochs", "partition", "limit_train", "seed", "output"):
             if key in self.train or any(key in r for r in self.runs):
                 raise ValueError(f"{key!r} is set by curves for every run; remove it from the train/runs entries")
+        for key in _SHARED_DATA_KEYS:  # every configuration must see the same pool, validation and test sets
+            if any(key in r for r in self.runs):
+                raise ValueError(f"{key!r} must be the same for every configuration: set it under 'train', not in "
+                                 f"a run entry")
+        if self.num_sizes < 3:
+            raise ValueError(f"a learning curve needs at least 3 sizes; got num_sizes={self.num_sizes}")
         if self.reps is not None:
             self.reps = [int(r) for r in self.reps]
             if len(self.reps) != self.num_sizes:
                 raise ValueError(f"reps must give one count per size ({self.num_sizes} sizes); got {self.reps}")
+            if self.v1 is None and max(self.reps) < 2:
+                raise ValueError(f"with one partition per size (reps {self.reps}) the variance cannot be estimated: "
+                                 f"repeat at least one size or give v1 (the lazy mode)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CurvesSpec:

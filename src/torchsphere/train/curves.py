@@ -38,7 +38,7 @@ _SPEC_KEYS = {"title", "description", "train", "runs", "num_sizes", "reps", "N",
               "min_steps", "evaluations", "measure", "gamma", "v1", "level"}
 _SHARED_DATA_KEYS = ("dataset", "data_dir", "val_fraction", "limit_test", "dataset_kwargs")
 CSV_FIELDS = ("config", "per_class", "total", "partition", "seed", "steps", "epochs", "test_error", "val_error",
-              "final_test_error", "run")
+              "final_test_error", "run")  # run: the run folder relative to the output folder
 
 
 @dataclass
@@ -160,6 +160,11 @@ class Plan:
     dataset: str
 
 
+def run_folder(name: str, partition: Partition) -> str:
+    """The folder of one run, relative to the curves output: ``runs/CONFIG/n{per_class}_p{index}``."""
+    return f"runs/{name}/n{partition.per_class}_p{partition.index}"
+
+
 def plan_curves(spec: CurvesSpec, output: str | Path, overrides: dict[str, Any] | None = None) -> Plan:
     """Reads the dataset once (with the validation carve), chooses N and the schedule, and configures every run.
 
@@ -189,7 +194,7 @@ def plan_curves(spec: CurvesSpec, output: str | Path, overrides: dict[str, Any] 
             steps = spec.budget_steps(part.per_class * data.num_classes, batch)
             values.update(steps=steps, epochs=None, seed=part.index, partition=part.to_dict(),
                           eval_every=max(1, math.ceil(steps / spec.evaluations)),
-                          output=str(output / "runs" / entry["name"] / f"n{part.per_class}_p{part.index}"))
+                          output=str(output / run_folder(entry["name"], part)))
             runs.append(PlannedRun(entry["name"], part, TrainConfig.from_dict(values)))
     return Plan(runs, schedule, data.num_classes, pool, int(data.val_y.numel()), int(data.test_y.numel()),
                 base.dataset)
@@ -236,7 +241,8 @@ def measurements(plan: Plan, measure: str = "best") -> list[dict[str, Any]]:
                          seed=run.config.seed, steps=summary["steps"], epochs=summary["epochs"],
                          test_error=100.0 * (1.0 - chosen["test_acc"]),
                          val_error=100.0 * (1.0 - chosen["val_acc"]) if not math.isnan(chosen["val_acc"]) else "",
-                         final_test_error=100.0 * (1.0 - summary["final"]["test_acc"]), run=run.config.output))
+                         final_test_error=100.0 * (1.0 - summary["final"]["test_acc"]),
+                         run=run_folder(run.name, run.partition)))
     return rows
 
 

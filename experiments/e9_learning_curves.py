@@ -69,10 +69,10 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         else:
             e_text = f"an error at N indistinguishable from {base}'s (Δe_N = {de:+.2f} ± {se_e:.2f} points)"
         if abs(db) > Z95 * se_b:
-            b_text = (f"{'more' if db > 0 else 'less'} data-reliant (Δβ_N = {db:+.2f} ± {se_b:.2f}): "
+            b_text = (f"is {'more' if db > 0 else 'less'} data-reliant (Δβ_N = {db:+.2f} ± {se_b:.2f}): "
                       f"{'gains more' if db > 0 else 'gains less'} from more data")
         else:
-            b_text = f"no detectable difference in data-reliance (Δβ_N = {db:+.2f} ± {se_b:.2f})"
+            b_text = f"shows no detectable difference in data-reliance (Δβ_N = {db:+.2f} ± {se_b:.2f})"
         trusted = [c for c in comp["crossings"] if c["trusted"]]
         if trusted:
             c_text = "; its curve crosses " + base + "'s at " + ", ".join(

@@ -109,7 +109,7 @@ def plot_curves(fits: dict[str, Any], rows: list[dict[str, Any]], path: str | Pa
 
     N = max(f.N for f in fits.values())
     n_lo = min(min(f.sizes) for f in fits.values()) / 2
-    n_hi = 16 * N
+    n_hi = 8 * N
     grid = np.geomspace(n_lo, n_hi, 300)
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for i, (name, fit) in enumerate(fits.items()):
@@ -131,8 +131,9 @@ def plot_curves(fits: dict[str, Any], rows: list[dict[str, Any]], path: str | Pa
     ax.set_yscale("log")
     ax.set_xlim(n_lo, n_hi)
     values = [r["test_error"] for r in rows]
-    top, bottom = max(values), min(min(values), min(float(f.e(n_hi)) for f in fits.values()))
-    ax.set_ylim(max(bottom * 0.8, 0.1), top * 1.25)
+    # the y range covers the measurements and the curves up to 4N (beyond it, a negative alpha dives towards 0)
+    top, bottom = max(values), min(min(values), min(float(f.e(f.extrapolation_limit)) for f in fits.values()))
+    ax.set_ylim(max(bottom * 0.7, 0.1), top * 1.25)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("training samples per class, n (log)")

@@ -57,7 +57,7 @@ DIRICHLET_ALPHA = 0.5
 def config(model: str, setting: str, seed: int, output: Path, quick: bool) -> TrainConfig:
     sites, partition, local_epochs, cyclical = SETTINGS[setting]
     values: dict[str, Any] = dict(COMMON, **MODELS[model], seed=seed, sites=sites, rounds=PASSES // local_epochs,
-                                  local_epochs=local_epochs, partition=partition, dirichlet_alpha=DIRICHLET_ALPHA,
+                                  local_epochs=local_epochs, site_partition=partition, dirichlet_alpha=DIRICHLET_ALPHA,
                                   output=str(output))
     if cyclical:
         values.update(lr=LR_HIGH, lr_min=LR_LOW, lr_cycle="triangular")

@@ -343,6 +343,8 @@ def write_results(output: Path, results_path: Path, *, quick: bool = False) -> N
         lines += [f"Data: {first['dataset']} ({first['data']['train']} train / {first['data']['val']} validation / "
                   f"{first['data']['test']} test images); {len(exp.spec.seeds)} seed(s) per configuration.", ""]
         lines += fn(exp, images) + [""]
+    if not quick:
+        lines += spliced_sections(results_path.parent / "results")
     lines += ["## E7: cost per training step relative to the CNN twin", ""] + section_e7(loaded) + [""]
     lines += ["## Discussion", "",
               "The generated lines above restate the numbers under the rules given with them. The discussion below "
@@ -350,6 +352,21 @@ def write_results(output: Path, results_path: Path, *, quick: bool = False) -> N
               human_block(results_path), HUMAN_END, ""]
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text("\n".join(lines))
+
+
+def spliced_sections(folder: Path) -> list[str]:
+    """The experiments with drivers of their own (learning curves, sites, ensembles) write their section as
+    ``docs/results/eN_*.md``; it is copied here in the order of N, image links made relative to this page."""
+    import re
+
+    def number(path: Path) -> int:
+        return int(re.match(r"e(\d+)_", path.name).group(1))
+
+    lines: list[str] = []
+    for path in sorted((p for p in folder.glob("e*_*.md") if re.match(r"e\d+_", p.name)), key=number):
+        text = re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", lambda m: f"]({folder.name}/{m.group(1)})", path.read_text())
+        lines += [text.rstrip(), "", f"(Section written by its driver into `docs/results/{path.name}`.)", ""]
+    return lines
 
 
 def _rel(path: Path) -> str:

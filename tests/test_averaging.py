@@ -191,7 +191,7 @@ def test_one_site_equals_plain_training_bit_for_bit(tmp_path, avg_optimizer):
 
 # ---------------------------------------------------------------- a run across sites, its files, resume
 def test_run_folder_records_the_partition_and_per_site_metrics(tmp_path):
-    config = tiny(tmp_path / "run", sites=3, rounds=2, partition="dirichlet", dirichlet_alpha=1.0)
+    config = tiny(tmp_path / "run", sites=3, rounds=2, site_partition="dirichlet", dirichlet_alpha=1.0)
     summary = train(config)
     record = json.loads((tmp_path / "run" / "sites.json").read_text())
     assert record["method"] == "dirichlet" and record["alpha"] == 1.0 and record["num_sites"] == 3
@@ -216,7 +216,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-RESUMED = dict(rounds=3, partition="dirichlet", dirichlet_alpha=1.0, avg_bn="recompute", avg_optimizer="local",
+RESUMED = dict(rounds=3, site_partition="dirichlet", dirichlet_alpha=1.0, avg_bn="recompute", avg_optimizer="local",
                augment="flip", lr_cycle="cosine")
 
 
@@ -255,7 +255,7 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, monkeypatch, reference
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
     out = tmp_path / "killed"
     args = ["train", "--model", "spherenet9", "--dataset", "synthetic", "--width-mult", "0.0625", "--bn-momentum",
-            "0.1", "--batch-size", "32", "--lr", "0.01", "--sites", "2", "--rounds", "3", "--partition", "dirichlet",
+            "0.1", "--batch-size", "32", "--lr", "0.01", "--sites", "2", "--rounds", "3", "--site-partition", "dirichlet",
             "--dirichlet-alpha", "1.0", "--avg-bn", "recompute", "--avg-optimizer", "local", "--augment", "flip",
             "--lr-cycle", "cosine", "--threads", "1", "--quiet", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -290,7 +290,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
                        r"lr=0.01"),
     (dict(lr_min=-1.0), r"lr_min must be a finite number > 0 or None; got -1.0"),
     (dict(lr_cycle="saw"), r"lr_cycle"),
-    (dict(partition="random"), r"partition"),
+    (dict(site_partition="random"), r"site_partition"),
     (dict(avg_bn="local"), r"avg_bn"),
     (dict(avg_optimizer="sum"), r"avg_optimizer"),
     (dict(dirichlet_alpha=0), r"dirichlet_alpha must be a finite number > 0; got 0"),
@@ -306,7 +306,7 @@ def test_data_errors(tmp_path):
         train(tiny(tmp_path / "a", sites=20))
     with pytest.raises(ValueError, match=r"partition 'dirichlet' gave site \d+ \d+ examples, fewer than the 32 it "
                                          r"needs \(one batch\)"):
-        train(tiny(tmp_path / "b", sites=6, partition="dirichlet", dirichlet_alpha=0.05))
+        train(tiny(tmp_path / "b", sites=6, site_partition="dirichlet", dirichlet_alpha=0.05))
 
 
 def test_world_size_must_equal_the_number_of_sites(tmp_path, monkeypatch):
@@ -324,7 +324,7 @@ def test_cli_flags_and_errors(tmp_path, capsys):
         main(["train", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--sites", "--rounds", "--local-epochs", "--partition", "--dirichlet-alpha", "--lr-cycle",
+    for flag in ("--sites", "--rounds", "--local-epochs", "--site-partition", "--dirichlet-alpha", "--lr-cycle",
                  "--lr-min", "--avg-bn", "--avg-optimizer", "training across sites"):
         assert flag in text
     base = ["train", "--dataset", "synthetic", "--width-mult", "0.0625", "--batch-size", "32", "--threads", "1",

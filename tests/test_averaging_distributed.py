@@ -50,7 +50,7 @@ WORKER = textwrap.dedent('''
 
 def test_two_gloo_processes_equal_the_in_process_simulation(tmp_path):
     args = dict(model="spherenet9", dataset="synthetic", width_mult=0.0625, bn_momentum=0.1, batch_size=32,
-                lr=0.01, sites=2, rounds=2, partition="dirichlet", dirichlet_alpha=1.0, avg_bn="recompute",
+                lr=0.01, sites=2, rounds=2, site_partition="dirichlet", dirichlet_alpha=1.0, avg_bn="recompute",
                 avg_optimizer="average", threads=1, quiet=True)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

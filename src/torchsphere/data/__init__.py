@@ -11,6 +11,7 @@ from .cifar import read_cifar10, read_cifar100
 from .digits import read_digits
 from .folder import read_image_folder
 from .idx import read_idx, read_mnist_split
+from .partitions import Partition, apply_partition, partition_indices, partition_schedule
 from .registry import DEFAULT_AUGMENTS, build_dataset, default_augment, list_datasets, register_dataset
 from .splits import DatasetNotFoundError, DatasetSplits, normalize_pixels, stratified_split
 from .subset import FewShotTask, fewshot_task  # registers the "subset" dataset (class subsets, k-shot draws)
@@ -21,6 +22,8 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetSplits",
     "FewShotTask",
+    "Partition",
+    "apply_partition",
     "build_dataset",
     "crop_flip",
     "default_augment",
@@ -29,6 +32,8 @@ __all__ = [
     "list_datasets",
     "make_augment",
     "normalize_pixels",
+    "partition_indices",
+    "partition_schedule",
     "random_crop",
     "random_hflip",
     "read_cifar10",

@@ -24,6 +24,13 @@ def build_data(config: TrainConfig):
     """``torchsphere.data.build_dataset`` with the config's split settings (validation split seeded by ``seed``)."""
     from ..data import build_dataset
 
+    if config.partition is not None:  # learning curves: validation carved with the partition seed, then the subset
+        from ..data.partitions import Partition, apply_partition
+
+        partition = Partition.from_dict(config.partition)
+        data = build_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=partition.seed,
+                             limit_test=config.limit_test, **config.dataset_kwargs)
+        return apply_partition(data, partition)
     return build_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
                          limit_train=config.limit_train, limit_test=config.limit_test, **config.dataset_kwargs)
 

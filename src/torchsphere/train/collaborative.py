@@ -117,7 +117,7 @@ def _setup(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device)
     if device.type == "cuda":
         data = data.to(device)
     try:
-        partition = partition_labels(data.train_y, config.sites, config.partition, seed=config.seed,
+        partition = partition_labels(data.train_y, config.sites, config.site_partition, seed=config.seed,
                                      num_classes=data.num_classes, shards_per_site=config.shards_per_site,
                                      alpha=config.dirichlet_alpha, min_size=config.batch_size)
     except ValueError as exc:

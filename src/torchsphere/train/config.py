@@ -100,13 +100,16 @@ class TrainConfig:
     sites: int | None = None              # K sites, each on its own shard, averaged every round; None: plain training
     rounds: int | None = None             # R rounds: the budget with sites (each site trains rounds * local_epochs)
     local_epochs: int = 1                 # E passes over its own shard per site between two averagings
-    partition: str = "iid"                # iid | label-shards | dirichlet (torchsphere.data.shards)
+    site_partition: str = "iid"           # iid | label-shards | dirichlet (torchsphere.data.shards)
     shards_per_site: int = 2              # label-shards: label-sorted pieces per site
     dirichlet_alpha: float = 0.5          # dirichlet: concentration of the per-class site shares
     lr_cycle: str = "triangular"          # one cycle per round between lr_min and lr: triangular | cosine | constant
     lr_min: float | None = None           # low end of the cycle (None: lr / 10)
     avg_bn: str = "average"               # BatchNorm running statistics: average | recompute (on the sites' data)
     avg_optimizer: str = "average"        # optimizer state: average | reset (every round) | local (kept per site)
+    # learning-curve protocol (torchsphere curves): train on one class-stratified disjoint partition of the pool left
+    # after a validation split carved with the partition's seed; {"per_class": n, "index": i, "seed": s} or None
+    partition: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -187,6 +190,13 @@ class TrainConfig:
         if self.anneal_lambda and self.head != "gasoftmax":
             raise ValueError(f"anneal_lambda needs head='gasoftmax'; got head={self.head!r}")
         validate_sites(self)
+        if self.partition is not None:
+            from ..data.partitions import Partition
+
+            self.partition = Partition.from_dict(self.partition).to_dict()
+            if self.limit_train is not None:
+                raise ValueError(f"limit_train and partition exclude each other (a partition is already a subset); "
+                                 f"got limit_train={self.limit_train!r}, partition={self.partition!r}")
 
     # ---------------------------------------------------------------- (de)serialization
     def to_dict(self) -> dict[str, Any]:
@@ -233,7 +243,7 @@ def validate_sites(config: TrainConfig) -> None:
     """Checks the fields of training across sites (``sites`` ... ``avg_optimizer``); raises ValueError/TypeError."""
     from ..data.shards import PARTITIONS
 
-    check_choice("partition", config.partition, PARTITIONS)
+    check_choice("site_partition", config.site_partition, PARTITIONS)
     check_choice("lr_cycle", config.lr_cycle, LR_CYCLES)
     check_choice("avg_bn", config.avg_bn, AVG_BN)
     check_choice("avg_optimizer", config.avg_optimizer, AVG_OPTIMIZER)

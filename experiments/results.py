@@ -296,8 +296,8 @@ def human_block(results_path: Path) -> str:
     """The human-written discussion of the previous report, or the default text."""
     if results_path.is_file():
         text = results_path.read_text()
-        if HUMAN_START in text and HUMAN_END in text:
-            return text.split(HUMAN_START, 1)[1].split(HUMAN_END, 1)[0].strip()
+        if HUMAN_START in text and HUMAN_END in text:  # the page's own block is the last one
+            return text.rsplit(HUMAN_START, 1)[1].split(HUMAN_END, 1)[0].strip()
     return HUMAN_DEFAULT
 
 
@@ -365,6 +365,8 @@ def spliced_sections(folder: Path) -> list[str]:
     lines: list[str] = []
     for path in sorted((p for p in folder.glob("e*_*.md") if re.match(r"e\d+_", p.name)), key=number):
         text = re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", lambda m: f"]({folder.name}/{m.group(1)})", path.read_text())
+        text = re.sub(r"\]\(\.\./([^)]+\.md)\)", r"](\1)", text)  # links to docs/*.md from docs/results/
+        text = text.replace(HUMAN_START, "").replace(HUMAN_END, "")  # the driver's own markers stay in its file
         lines += [text.rstrip(), "", f"(Section written by its driver into `docs/results/{path.name}`.)", ""]
     return lines
 

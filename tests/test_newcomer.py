@@ -216,6 +216,7 @@ def test_run_files_are_readable_by_the_group_under_umask_022(tmp_path):
 # ---------------------------------------------------------------- 6. interrupts, through a subprocess
 _INTERRUPT = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
 import torchsphere.train.loop as loop
 from torchsphere.cli import main
 step, real = [0], loop.train_step
@@ -258,13 +259,17 @@ def test_signal_saves_a_checkpoint_prints_the_resume_command_and_resume_matches(
 def test_stop_signals_restore_the_previous_handlers():
     from torchsphere.train.interrupt import StopSignals
 
-    before = signal.getsignal(signal.SIGINT)
-    with StopSignals() as stop:
-        assert signal.getsignal(signal.SIGINT) is not before
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and stop.signum == signal.SIGINT
-        assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C acts at once
-    assert signal.getsignal(signal.SIGINT) is before
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup / CI
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is not before
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and stop.signum == signal.SIGINT
+            assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C acts at once
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 # ---------------------------------------------------------------- 8. warnings for settings that do nothing here

@@ -18,6 +18,7 @@ from torch import nn
 from torchsphere.functional import angular_activation, sphere_conv1d, sphere_conv2d, sphere_conv3d, sphere_linear
 from torchsphere.functional import fused
 from torchsphere.functional.conv import patch_norm_sq
+from torchsphere.functional import fused_conv
 from torchsphere.functional.fused import SphereTail, check_impl, check_memory_efficient, patch_rnorm
 from torchsphere.functional.operators import ACOS_EPS, learnable_k
 from torchsphere.nn import SphereConv2d, SphereLinear
@@ -372,9 +373,10 @@ def test_compiled_kernels_match_eager(backend, monkeypatch):
     monkeypatch.setattr(fused, "_COMPILED", {
         name: torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
         for name, fn in (("forward", fused.tail_forward), ("forward_inplace", fused.tail_forward_inplace),
-                         ("backward", fused.tail_backward),
-                         ("backward_from_output", fused.tail_backward_from_output),
-                         ("square_sum", fused.channel_square_sum))})
+                         ("backward", fused.tail_backward_terms),
+                         ("backward_from_output", fused.tail_backward_from_output_terms),
+                         ("square_sum", fused.channel_square_sum), ("patch_sq", fused_conv.patch_sq_kernel),
+                         ("patch_sq64", fused_conv.patch_sq_kernel), ("patch_grad", fused_conv.patch_grad_kernel))})
     ops = ("learnable_sigmoid",) if backend == "inductor" else OPS
     for op, mem in [(op, mem) for op in ops for mem in (False, True)]:
         for shape in [(2, 6, 5, 5), (3, 6, 4, 7)][:2 if op == "learnable_sigmoid" else 1]:  # dynamic shapes
@@ -398,8 +400,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(fused, "_COMPILED", {"forward": broken, "forward_inplace": broken, "backward": broken,
-                                             "backward_from_output": broken, "square_sum": broken})
+    monkeypatch.setattr(fused, "_COMPILED", {name: broken for name in (
+        "forward", "forward_inplace", "backward", "backward_from_output", "square_sum", "patch_sq", "patch_sq64",
+        "patch_grad")})
     x, w = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()
     with pytest.warns(RuntimeWarning, match="compiling the fused SphereConv tail failed"):
         out = sphere_conv2d(x, w, operator="linear")

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .fused import SphereTail, check_memory_efficient, patch_rnorm, sigmoid_k_for, tail_save
+from .fused_conv import sphere_conv_fn
 from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -129,6 +130,17 @@ def _sphere_conv(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, st
     if unbatched:
         input = input.unsqueeze(0)
     if check_memory_efficient(impl, memory_efficient) == "fused":
+        k = sigmoid_k_for(operator, sigmoid_k)
+        if isinstance(k, Tensor) and k.dim() > 1:
+            raise ValueError(f"sigmoid_k tensor must be 0-d or 1-d (one k per output channel); got shape "
+                             f"{tuple(k.shape)}")
+        if isinstance(k, Tensor) and k.dim() == 1 and k.numel() not in (1, weight.shape[0]):
+            raise ValueError(f"sigmoid_k has {k.numel()} values but the output has {weight.shape[0]} channels "
+                             "along dim 1")
+        out = sphere_conv_fn(nd, input, weight, bias, stride, padding, dilation, groups, operator, k, eps,
+                             memory_efficient)
+        if out is not None:
+            return out.squeeze(0) if unbatched else out
         out = _sphere_conv_fused(nd, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
                                  memory_efficient)
         return out.squeeze(0) if unbatched else out

@@ -68,6 +68,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_bool, check_choice, check_sigmoid_k
+from .fast_math import asin_poly, cos_half_pi, sin_half_pi
 from .operators import ACOS_EPS, DEFAULT_SIGMOID_K
 
 IMPLS: tuple[str, ...] = ("fused", "reference")
@@ -76,7 +77,7 @@ _TWO_OVER_PI = 2.0 / math.pi
 _HI = 1.0 - ACOS_EPS  # the acos clamp is [-_HI, _HI]
 _THETA_LO = math.acos(_HI)  # theta of the clamped cosine lies in [_THETA_LO, pi - _THETA_LO]
 _G_HI_LINEAR = 1.0 - _TWO_OVER_PI * _THETA_LO  # the linear operator's largest output
-COMPILE_MIN_NUMEL = 1 << 20  # tails with at least this many elements use the compiled kernels
+COMPILE_MIN_NUMEL = 1 << 18  # tails with at least this many elements use the compiled kernels
 
 
 def check_impl(impl: object) -> str:
@@ -165,9 +166,26 @@ def _tanh_via_exp(u: Tensor) -> Tensor:
     return 1.0 - 2.0 / (torch.exp(2.0 * u) + 1.0)
 
 
+def _asin(c: Tensor) -> Tensor:
+    """arcsin = pi/2 - arccos: exact for float64, the polynomial of :mod:`.fast_math` (error <= 5e-7) below."""
+    return torch.asin(c) if c.dtype == torch.float64 else asin_poly(c)
+
+
+def _atanh(t: Tensor) -> Tensor:
+    """artanh: exact for float64; below, log((1 + t) / (1 - t)) / 2 (``atanh`` has no vectorized CPU kernel)."""
+    return torch.atanh(t) if t.dtype == torch.float64 else 0.5 * torch.log((1.0 + t) / (1.0 - t))
+
+
+def _sin_cos_half_pi(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(sin(pi x / 2), cos(pi x / 2)) for x in [-1, 1]: exact for float64, the polynomials below float64."""
+    if x.dtype == torch.float64:
+        return torch.sin((math.pi / 2) * x), torch.cos((math.pi / 2) * x)
+    return sin_half_pi(x), cos_half_pi(x)  # cos relative-accurate where it vanishes: the backward divides by it
+
+
 def _sigmoid_parts(cc: Tensor, k: float | Tensor) -> tuple[Tensor, Tensor, float | Tensor]:
     """For a clamped cosine cc: u = (pi/2 - acos(cc)) / (2k) = asin(cc) / (2k), t = tanh(u), T = tanh(pi / (4k))."""
-    u = torch.asin(cc) / (2 * k)
+    u = _asin(cc) * (0.5 / k)
     return u, _tanh_via_exp(u), _tanh(math.pi / (4 * k))
 
 
@@ -176,11 +194,11 @@ def tail_forward(z: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | 
     c = z * r
     if operator == "cosine":
         out = c
-    elif operator == "linear":
-        out = 1.0 - _TWO_OVER_PI * torch.acos(c.clamp(-_HI, _HI))
+    elif operator == "linear":  # 1 - (2/pi) acos(c) = (2/pi) asin(c)
+        out = _TWO_OVER_PI * _asin(c.clamp(-_HI, _HI))
     else:
         _, t, big_t = _sigmoid_parts(c.clamp(-_HI, _HI), k)
-        out = t / big_t
+        out = t * (1.0 / big_t)
     return out if bias is None else out + bias
 
 
@@ -190,32 +208,62 @@ def tail_forward_inplace(z: Tensor, r: Tensor, k: float | Tensor | None, bias: T
     return z.copy_(tail_forward(z, r, k, bias, operator))
 
 
-def tail_backward(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, operator: str,
-                  need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(dL/dz, dL/dr, dL/dk) of :func:`tail_forward` given dL/dout; dL/dr and dL/dk summed to r's and k's shapes."""
+def _grad_k_terms(grad: Tensor, t: Tensor, sech2: Tensor, u: Tensor, k: Tensor, big_t: Tensor) -> Tensor:
+    """dL/dout * dg/dk, to be summed to k's shape: dg/dk = g (1 - T^2) pi / (4 k^2 T) - (1 - t^2) u / (k T), g = t / T."""
+    return grad * (t * ((1.0 - big_t * big_t) * math.pi / (4 * k * k * big_t * big_t))
+                   - sech2 * u * (1.0 / (k * big_t)))
+
+
+def tail_backward_terms(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, operator: str,
+                        need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The pointwise part of :func:`tail_backward`: (dL/dz, dL/dc * z, dL/dout * dg/dk), all of z's shape.
+
+    The reductions to r's and k's shapes run outside (``aten.sum`` over the channels streams at memory speed, while
+    a reduction fused into this loop makes Inductor's CPU code store its intermediates and reduce with a stride).
+    """
     c = z * r
     grad_k = None
     if operator == "cosine":
         gc = grad
     else:
         outside = c.abs() > _HI  # zero gradient outside the acos clamp, as safe_acos
+        cc = c.clamp(-_HI, _HI)
         if operator == "linear":
-            cc = c.clamp(-_HI, _HI)
             gc = torch.where(outside, 0.0, grad * (_TWO_OVER_PI * torch.rsqrt(1.0 - cc * cc)))
         else:
-            cc = c.clamp(-_HI, _HI)
             u, t, big_t = _sigmoid_parts(cc, k)
             sech2 = 1.0 - t * t
-            gc = torch.where(outside, 0.0, grad * sech2 * torch.rsqrt(1.0 - cc * cc) / (2 * k * big_t))
-            if need_k:  # dg/dk = g (1 - T^2) pi / (4 k^2 T) - (1 - t^2) u / (k T), with g = t / T
-                dk = t * ((1.0 - big_t * big_t) * math.pi / (4 * k * k * big_t * big_t)) - sech2 * u / (k * big_t)
-                grad_k = (grad * dk).sum_to_size(k.shape)
-    return gc * r, (gc * z).sum_to_size(r.shape), grad_k
+            gc = torch.where(outside, 0.0, grad * sech2 * torch.rsqrt(1.0 - cc * cc) * (0.5 / (k * big_t)))
+            if need_k:
+                grad_k = _grad_k_terms(grad, t, sech2, u, k, big_t)
+    return gc * r, gc * z, grad_k
+
+
+def tail_backward(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, operator: str,
+                  need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dL/dz, dL/dr, dL/dk) of :func:`tail_forward` given dL/dout; dL/dr and dL/dk summed to r's and k's shapes."""
+    return reduce_tail_terms(tail_backward_terms(grad, z, r, k, operator, need_k), r, k, False)
+
+
+def reduce_tail_terms(terms: tuple[Tensor, Tensor, Tensor | None], r: Tensor, k: float | Tensor | None,
+                      from_output: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dL/dz, dL/dr, dL/dk) from the pointwise terms: dL/dr = sum(dL/dc * z), or sum(dL/dc * c) / r from the
+    output (z = c / r with r constant over the summed dims); dL/dk = sum(dL/dout * dg/dk)."""
+    grad_z, p, dk = terms
+    grad_r = p.sum_to_size(r.shape)
+    return grad_z, grad_r / r if from_output else grad_r, None if dk is None else dk.sum_to_size(k.shape)
 
 
 def tail_backward_from_output(grad: Tensor, out: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None,
                               operator: str, need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`tail_backward` from the saved output g (+ bias) instead of z: theta is recovered by inverting g.
+    """:func:`tail_backward` from the saved output g (+ bias) instead of z: theta is recovered by inverting g."""
+    return reduce_tail_terms(tail_backward_from_output_terms(grad, out, r, k, bias, operator, need_k), r, k, True)
+
+
+def tail_backward_from_output_terms(grad: Tensor, out: Tensor, r: Tensor, k: float | Tensor | None,
+                                    bias: Tensor | None, operator: str,
+                                    need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The pointwise part of :func:`tail_backward_from_output`: (dL/dz, dL/dc * c, dL/dout * dg/dk).
 
     Entries at the acos clamp (|g| within 4 ulp of the largest output) count as outside it (zero gradient); the
     reference passes the gradient on the closed interval, so the two differ only for cosines within float rounding
@@ -229,21 +277,22 @@ def tail_backward_from_output(grad: Tensor, out: Tensor, r: Tensor, k: float | T
         tol = 4 * torch.finfo(g.dtype).eps
         if operator == "linear":
             outside = g.abs() >= _G_HI_LINEAR - tol
-            theta = ((math.pi / 2) * (1.0 - g)).clamp(_THETA_LO, math.pi - _THETA_LO)
-            gc = torch.where(outside, 0.0, grad * (_TWO_OVER_PI / torch.sin(theta)))
+            # theta = (pi/2)(1 - g): cos theta = sin(pi g / 2), sin theta = cos(pi g / 2)
+            c, sin_theta = _sin_cos_half_pi(g.clamp(-_G_HI_LINEAR, _G_HI_LINEAR))
+            gc = torch.where(outside, 0.0, grad * (_TWO_OVER_PI / sin_theta))
         else:
             big_t = _tanh(math.pi / (4 * k))
             outside = g.abs() >= _tanh((math.pi / 2 - _THETA_LO) / (2 * k)) / big_t - tol
             t = (g * big_t).clamp(tol / 4 - 1.0, 1.0 - tol / 4)  # atanh stays finite where g saturates
-            u = torch.atanh(t)
-            theta = (math.pi / 2 - 2 * k * u).clamp(_THETA_LO, math.pi - _THETA_LO)
+            u = _atanh(t)
+            # 2ku = asin(c) = pi/2 - theta: cos theta = sin(2ku), sin theta = cos(2ku)
+            y = (u * (4 * k / math.pi)).clamp(_THETA_LO * _TWO_OVER_PI - 1.0, 1.0 - _THETA_LO * _TWO_OVER_PI)
+            c, sin_theta = _sin_cos_half_pi(y)
             sech2 = 1.0 - t * t
-            gc = torch.where(outside, 0.0, grad * sech2 / (2 * k * big_t * torch.sin(theta)))
-            if need_k:  # as tail_backward
-                dk = t * ((1.0 - big_t * big_t) * math.pi / (4 * k * k * big_t * big_t)) - sech2 * u / (k * big_t)
-                grad_k = (grad * dk).sum_to_size(k.shape)
-        c = torch.cos(theta)
-    return gc * r, (gc * c).sum_to_size(r.shape) / r, grad_k  # z = c / r, r constant over the summed dims
+            gc = torch.where(outside, 0.0, grad * sech2 / sin_theta * (0.5 / (k * big_t)))
+            if need_k:
+                grad_k = _grad_k_terms(grad, t, sech2, u, k, big_t)
+    return gc * r, gc * c, grad_k
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -277,6 +326,32 @@ def _kernel(name: str, fn: Callable, numel: int, inference: bool = False) -> Cal
             return fn(*args)
 
     return run
+
+
+def saved_or_explain(ctx) -> tuple[Tensor, ...]:
+    """``ctx.saved_tensors``, or autograd's in-place error with what it means for a layer that saves its output."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as err:
+        if ctx.save_output and "inplace operation" in str(err):
+            raise RuntimeError(f"{err}\n\ntorchsphere: this sphere layer runs with memory_efficient=True, so it "
+                               "saves its output for the backward, and an in-place op after the layer (e.g. "
+                               "ReLU(inplace=True) or x += ...) modified that output. Build the layer (or "
+                               "convert_to_sphere) with memory_efficient=False, or make the next op "
+                               "out-of-place.") from None
+        raise
+
+
+def tail_grads(grad: Tensor, saved: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None,
+               operator: str, from_output: bool, need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dL/dz, dL/dr, dL/dk) of the tail from the saved z (or output, with its bias): the pointwise terms in one
+    kernel, then the reductions."""
+    if from_output:
+        terms = _kernel("backward_from_output", tail_backward_from_output_terms, saved.numel())(
+            grad, saved, r, k, bias, operator, need_k)
+    else:
+        terms = _kernel("backward", tail_backward_terms, saved.numel())(grad, saved, r, k, operator, need_k)
+    return reduce_tail_terms(terms, r, k, from_output)
 
 
 class SphereTail(torch.autograd.Function):
@@ -327,26 +402,13 @@ class SphereTail(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        try:
-            saved_tensors = ctx.saved_tensors
-        except RuntimeError as err:
-            if ctx.save_output and "inplace operation" in str(err):
-                raise RuntimeError(f"{err}\n\ntorchsphere: this sphere layer runs with memory_efficient=True, so it "
-                                   "saves its output for the backward, and an in-place op after the layer (e.g. "
-                                   "ReLU(inplace=True) or x += ...) modified that output. Build the layer (or "
-                                   "convert_to_sphere) with memory_efficient=False, or make the next op "
-                                   "out-of-place.") from None
-            raise
+        saved_tensors = saved_or_explain(ctx)
         saved, r, k_t = saved_tensors[0], saved_tensors[1], saved_tensors[2]
         k = ctx.k_float if k_t is None else k_t
         need_k = k_t is not None and ctx.needs_input_grad[2]
         grad = grad.contiguous()
-        if ctx.save_output:
-            grad_z, grad_r, grad_k = _kernel("backward_from_output", tail_backward_from_output, saved.numel())(
-                grad, saved, r, k, saved_tensors[3], ctx.operator, need_k)
-        else:
-            grad_z, grad_r, grad_k = _kernel("backward", tail_backward, saved.numel())(
-                grad, saved, r, k, ctx.operator, need_k)
+        bias = saved_tensors[3] if ctx.save_output else None
+        grad_z, grad_r, grad_k = tail_grads(grad, saved, r, k, bias, ctx.operator, ctx.save_output, need_k)
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[3]:
             grad_bias = grad.sum_to_size(ctx.bias_shape)

@@ -77,8 +77,9 @@ def test_converted_linear_computes_the_functional_op():
 
 # ----------------------------------------------------------------------------------- whole models
 def test_converted_baseline_equals_the_registered_spherenet():
-    """resnet18 converted (stem included, shortcuts kept plain) computes what sphere_resnet18 computes."""
-    base = _small_resnet18().eval()
+    """resnet18 converted (stem included, shortcuts kept plain) computes what sphere_resnet18 computes (both with the
+    official bias-free score layer; with torchvision's fc bias: test_resnet_torchvision.py)."""
+    base = create_model("resnet18", width_mult=1 / 16, num_classes=10, head_bias=False).to(DEVICE).eval()
     sphere = create_model("sphere_resnet18", width_mult=1 / 16, num_classes=10, operator="linear").to(DEVICE).eval()
     sphere.load_state_dict(base.state_dict())
     converted = convert_to_sphere(base, "linear", exclude="*.downsample.*")

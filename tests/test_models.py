@@ -125,36 +125,7 @@ def test_sphere_resnet32_official_layout():
     assert depth == 32
 
 
-def _torchvision_resnet_keys(blocks: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """State-dict keys and shapes of torchvision's BasicBlock ResNet (without fc.bias), from its naming rules."""
-    def bn(prefix, c):
-        return {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")} | {
-            f"{prefix}.num_batches_tracked": ()}
-
-    keys = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64)}
-    c_in = 64
-    for i, (n, c) in enumerate(zip(blocks, (64, 128, 256, 512))):
-        for j in range(n):
-            p = f"layer{i + 1}.{j}"
-            keys |= {f"{p}.conv1.weight": (c, c_in if j == 0 else c, 3, 3), **bn(f"{p}.bn1", c),
-                     f"{p}.conv2.weight": (c, c, 3, 3), **bn(f"{p}.bn2", c)}
-            if j == 0 and i > 0:
-                keys |= {f"{p}.downsample.0.weight": (c, c_in, 1, 1), **bn(f"{p}.downsample.1", c)}
-        c_in = c
-    return keys | {"fc.weight": (1000, 512)}
-
-@pytest.mark.parametrize("name, blocks, torchvision_params",
-                         [("resnet18", (2, 2, 2, 2), 11_689_512), ("resnet34", (3, 4, 6, 3), 21_797_672),
-                          ("sphere_resnet18", (2, 2, 2, 2), 11_689_512)])
-
-
-def test_imagenet_resnets_follow_torchvision_layout(name, blocks, torchvision_params):
-    model = create_model(name)
-    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert state == _torchvision_resnet_keys(blocks)
-    assert _num_params(model) == torchvision_params - 1000  # torchvision's fc.bias; our classifier is bias-free
-    bn = model.bn1
-    assert (bn.eps, bn.momentum) == (1e-5, 0.1)  # torchvision BatchNorm settings for the ImageNet-style entries
+# torchvision's layout of resnet18/34 and sphere_resnet18/34 (keys, strict loading, forward): test_resnet_torchvision.py
 
 
 def test_he_normal_init_and_bn_init():

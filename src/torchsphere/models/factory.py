@@ -16,9 +16,11 @@ timm's layer factories do).
   moments, default decay 0.999, i.e. momentum 0.001). The official momentum 0.001 with PyTorch's statistics leaves
   the running variance far too large for thousands of steps (a SphereConv output has a variance far below the
   initial 1), so neither official value is the default.
-- head: ``"softmax"`` (a plain bias-free ``nn.Linear``, the official score layer), ``"wsoftmax"`` (weight-normalized
-  softmax: :class:`torchsphere.nn.AngularHead` with margin 1) or ``"gasoftmax"`` (generalized angular softmax: an
-  AngularHead with a margin > 1, which must be given).
+- head: ``"softmax"`` (a plain ``nn.Linear``, bias-free by default: the official score layer), ``"wsoftmax"``
+  (weight-normalized softmax: :class:`torchsphere.nn.AngularHead` with margin 1) or ``"gasoftmax"`` (generalized
+  angular softmax: an AngularHead with a margin > 1, which must be given).
+- head_bias: ``True`` gives the ``"softmax"`` classifier a bias (torchvision's ``fc``; the registry's ``resnet18`` /
+  ``resnet34`` default to it). The angular heads compare directions and have no bias.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..functional._checks import OPERATORS, check_choice, check_operator
+from ..functional._checks import OPERATORS, check_bool, check_choice, check_operator
 from ..nn.heads import AngularHead
 from ..nn.official_bn import OfficialBatchNorm2d
 from ..nn.sphere_conv import SphereConv2d
@@ -77,6 +79,8 @@ class LayerConfig:
         head_operator: operator of an angular head (None: ``"cosine"``); not allowed with ``"softmax"``.
         margin: angular margin m of ``"gasoftmax"`` (required, > 1); None or 1 for ``"wsoftmax"``.
         head_scale: fixed logit scale s of an angular head (None: s = |x|); not allowed with ``"softmax"``.
+        head_bias: whether the ``"softmax"`` classifier has a bias (default False, the official bias-free score
+            layer; True for torchvision's ``fc``); not allowed with the angular heads.
     """
 
     operator: str = "cosine"
@@ -89,6 +93,7 @@ class LayerConfig:
     head_operator: str | None = None
     margin: float | None = None
     head_scale: float | None = None
+    head_bias: bool = False
 
     def __post_init__(self) -> None:
         check_choice("operator", self.operator, CONV_CHOICES)
@@ -111,6 +116,10 @@ class LayerConfig:
         self._check_head()
 
     def _check_head(self) -> None:
+        check_bool("head_bias", self.head_bias)
+        if self.head_bias and self.head != "softmax":
+            raise ValueError(f"head_bias applies only to head='softmax' (a linear classifier); the angular head "
+                             f"{self.head!r} has no bias; got head_bias=True with head={self.head!r}")
         if self.head == "softmax":
             for key in ("head_operator", "margin", "head_scale"):
                 if getattr(self, key) is not None:
@@ -152,7 +161,7 @@ class LayerConfig:
     def head_layer(self) -> Callable[[int, int], nn.Module]:
         """A callable ``(in_features, num_classes) -> module`` for the classifier."""
         if self.head == "softmax":
-            return partial(nn.Linear, bias=False)
+            return partial(nn.Linear, bias=self.head_bias)
         margin = 1.0 if self.head == "wsoftmax" else float(self.margin)
         return partial(AngularHead, operator=self.head_operator or "cosine", margin=margin, scale=self.head_scale)
 

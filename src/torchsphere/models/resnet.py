@@ -10,9 +10,31 @@ wy1iu/SphereNet; He et al., *Deep Residual Learning for Image Recognition*, CVPR
   per stage, ~16.70 M parameters). ``stem="imagenet"``: 7x7 stride-2 conv -> norm -> ReLU -> 3x3 stride-2 max-pool.
 - Global average pooling (the official 8x8 pool for 32x32 input), then the classifier ``fc``.
 
-Module names follow torchvision's ``ResNet`` (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.bn2``,
-``layer2.0.downsample.0``, ``fc``), so a torchvision ``resnet18`` state_dict loads with ``strict=False`` into
-``resnet18()`` (the only unmatched key: torchvision's ``fc.bias``; the official score layer has no bias).
+**torchvision-exact ResNet-18/34.** ``resnet18()`` and ``resnet34()`` are torchvision's ``resnet18`` /
+``resnet34`` (``torchvision/models/resnet.py`` of pytorch/vision): the same module names (``conv1``, ``bn1``,
+``layer1.0.conv1``, ``layer1.0.bn2``, ``layer2.0.downsample.0``, ``layer2.0.downsample.1``, ``fc``), the same state
+dict -- every key, shape and buffer (``running_mean``, ``running_var``, ``num_batches_tracked``) in the same order,
+``fc`` with its bias -- and the same function: 7x7 stride-2 stem without bias, BatchNorm eps 1e-5 and momentum 0.1,
+3x3 stride-2 max-pool (padding 1), the projection shortcut conv1x1 (stride s, no bias) + BatchNorm in the first unit
+of stages 2-4, global average pooling and ``fc = nn.Linear(512, num_classes)``. So a torchvision state dict loads
+with ``strict=True``, and the loaded model computes torchvision's logits, in training mode too (batch statistics
+and the running-statistics update)::
+
+    model = create_model("resnet18")
+    model.load_state_dict(torch.load("resnet18.pth", weights_only=True), strict=True)
+
+Nothing in the computation differs. Two construction details do, and neither matters once a state dict is loaded:
+the ReLUs are not in place (same values), and the initialization is torchsphere's for every model (convolutions and
+``fc`` He-normal with fan_in, biases 0, BatchNorm 1 / 0; torchvision draws its convolutions with fan_out and keeps
+``nn.Linear``'s default uniform draw for ``fc``), so that a baseline and its SphereNet start alike. Overrides leave
+torchvision's layout where they must: ``num_classes``, ``in_channels`` and ``width_mult`` change shapes only,
+``norm="none"`` drops the BatchNorms, ``head_bias=False`` drops ``fc.bias`` and ``head="wsoftmax"`` / ``"gasoftmax"``
+replace ``fc`` by an angular head (no bias).
+
+``sphere_resnet18`` / ``sphere_resnet34`` keep the official bias-free score layer: their key set is torchvision's
+without ``fc.bias``. A torchvision state dict loads into them with ``strict=False`` (``unexpected_keys`` is exactly
+``["fc.bias"]``; the SphereConv layers take the plain convolution weights as they are), or with ``strict=True`` into
+``create_model("sphere_resnet18", head_bias=True)``, which has torchvision's key set exactly.
 """
 from __future__ import annotations
 
@@ -119,6 +141,12 @@ def _resnet(name: str, arch: dict, overrides: dict) -> ResNet:
     return build_model(ResNet, name, arch, overrides)  # type: ignore[return-value]
 
 
+def _torchvision_fc(overrides: dict) -> dict:
+    """torchvision's classifier has a bias; an angular head chosen by the user has none (and ``head_bias=True``
+    beside it is an error, raised by the layer config)."""
+    return {"head_bias": True} if overrides.get("head", "softmax") == "softmax" else {}
+
+
 _CIFAR32 = dict(layers_per_stage=5, widths=(96, 192, 384), stem="cifar", num_classes=10)
 # ImageNet-style entries use torchvision's BatchNorm settings (eps 1e-5, momentum 0.1); override to taste
 _IMAGENET = dict(widths=(64, 128, 256, 512), stem="imagenet", num_classes=1000, bn_eps=1e-5, bn_momentum=0.1)
@@ -138,23 +166,27 @@ def resnet32(**kwargs) -> ResNet:
 
 @register_model
 def sphere_resnet18(**kwargs) -> ResNet:
-    """ImageNet-style SphereResNet-18 (torchvision layout), linear SphereConv as the official SphereResNet."""
+    """ImageNet-style SphereResNet-18 (torchvision layout), linear SphereConv as the official SphereResNet; the
+    official bias-free score layer (torchvision's key set without ``fc.bias``)."""
     return _resnet("sphere_resnet18", dict(_IMAGENET, layers_per_stage=(2, 2, 2, 2), operator="linear"), kwargs)
 
 
 @register_model
 def resnet18(**kwargs) -> ResNet:
-    """ImageNet-style ResNet-18 (torchvision layout, bias-free classifier)."""
-    return _resnet("resnet18", dict(_IMAGENET, layers_per_stage=(2, 2, 2, 2), operator="conv"), kwargs)
+    """torchvision's ResNet-18: its state dict loads with ``strict=True`` (``fc`` has a bias; see the module notes)."""
+    arch = dict(_IMAGENET, layers_per_stage=(2, 2, 2, 2), operator="conv", **_torchvision_fc(kwargs))
+    return _resnet("resnet18", arch, kwargs)
 
 
 @register_model
 def sphere_resnet34(**kwargs) -> ResNet:
-    """ImageNet-style SphereResNet-34 (torchvision layout), linear SphereConv."""
+    """ImageNet-style SphereResNet-34 (torchvision layout), linear SphereConv; the official bias-free score layer
+    (torchvision's key set without ``fc.bias``)."""
     return _resnet("sphere_resnet34", dict(_IMAGENET, layers_per_stage=(3, 4, 6, 3), operator="linear"), kwargs)
 
 
 @register_model
 def resnet34(**kwargs) -> ResNet:
-    """ImageNet-style ResNet-34 (torchvision layout, bias-free classifier)."""
-    return _resnet("resnet34", dict(_IMAGENET, layers_per_stage=(3, 4, 6, 3), operator="conv"), kwargs)
+    """torchvision's ResNet-34: its state dict loads with ``strict=True`` (``fc`` has a bias; see the module notes)."""
+    arch = dict(_IMAGENET, layers_per_stage=(3, 4, 6, 3), operator="conv", **_torchvision_fc(kwargs))
+    return _resnet("resnet34", arch, kwargs)

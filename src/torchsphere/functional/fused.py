@@ -2,7 +2,9 @@
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). The eager composition of the SphereConv
 tail (``conv.py``: divide by the filter norm, divide by the patch norm, clamp, acos, g) is a chain of separate
-passes over the (N, C_out, *out) output, several of which autograd keeps for the backward pass. The fused path:
+passes over the (N, C_out, *out) output, several of which autograd keeps for the backward pass. The fused path
+(for SphereConv layers in float32/float64 without autocast, :mod:`torchsphere.functional.fused_conv` goes one step
+further and makes the whole layer one node, with the kernels of this module):
 
 1. Folds the filter norm into the weight before the convolution: conv(x, w / |w|) = conv(x, w) / |w|, so the
    division by |w| touches only the small weight (autograd differentiates through it).
@@ -24,7 +26,11 @@ passes over the (N, C_out, *out) output, several of which autograd keeps for the
    then the chain rule: dL/dz = dL/dc * r, dL/dr = sum over the channels of dL/dc * z, dL/dk summed to k's shape;
    the patch norm's gradient reaches the input through autograd (the sum pool's or all-ones convolution's
    transpose, then :class:`ChannelSquareSum`'s one-pass backward), the filter norm's through the folded weight.
-4. Runs the forward and the backward pointwise math as one kernel each: on tensors of at least
+4. Runs the forward and the backward pointwise math as one kernel each (the backward's reductions over channels and
+   over k's dims run after it, as ``aten`` sums, which stream at memory speed where Inductor's CPU code would store
+   the kernel's intermediates and reduce with a stride); float32 tails evaluate arccos, arcsin, sin and cos as the
+   polynomials of :mod:`torchsphere.functional.fast_math` (<= 5e-7 from float64; several times cheaper than the
+   library functions), float64 tails the exact functions. On tensors of at least
    ``COMPILE_MIN_NUMEL`` elements the small functions below go through ``torch.compile(dynamic=True)``
    (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions

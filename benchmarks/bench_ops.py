@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
     try:
-        rounds = args.rounds or (3 if args.quick else 10)
+        rounds = args.rounds if args.rounds is not None else (3 if args.quick else 10)
         H.check_positive("--rounds", rounds)
         H.check_positive("--batch", args.batch)
         H.check_positive("--inner", args.inner)

@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
     try:
-        rounds = args.rounds or (3 if args.quick else 7)
+        rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
         for name, value in (("--rounds", rounds), ("--batch", args.batch), ("--inner", args.inner),
                             ("--max-minutes", args.max_minutes)):
             H.check_positive(name, value)

@@ -8,12 +8,14 @@ default (``memory_efficient=False``: the fused path saving z) and ``memory_effic
 the models: the output is saved and written over the convolution's buffer); ``--reference`` adds the eager
 reference composition (``impl="reference"``, the path before the fused one), eager only.
 
-Time: a fresh process per (width, input, thread count) -- ``OMP_NUM_THREADS=N`` and ``torch.set_num_threads(N)``,
-since the thread pool cannot be resized reliably in one process -- builds every model (and, with ``--compile``,
-a second copy of each under ``torch.compile``, the CNN's too), runs two warm-up steps of each (the compiled ones
-compile then), then one step of each in turn, the order rotated every round. A cell is the median over rounds of
-the SphereNet's step time over the CNN's in the same round (eager over eager, compiled over compiled); the CNN rows
-give its median step time. Targets: <= 1.10x the CNN eager, <= 1.05x compiled vs compiled, for every operator, in
+Time: a fresh process per (width, input, thread count, operator) -- ``OMP_NUM_THREADS=N`` and
+``torch.set_num_threads(N)``, since the thread pool cannot be resized reliably in one process -- builds the CNN and
+the operator's SphereNets (and, with ``--compile``, a second copy of each under ``torch.compile``, the CNN's too),
+runs two warm-up steps of each (the compiled ones compile then), then one step of each in turn, the order rotated
+every round. A cell is the median over rounds of the SphereNet's step time over the CNN's in the same round and
+process (eager over eager, compiled over compiled); the CNN rows give the median of its median step times in the
+operators' processes. One process per operator keeps a run that is cut off (``--max-minutes``) with the operators
+it finished. Targets: <= 1.10x the CNN eager, <= 1.05x compiled vs compiled, for every operator, in
 both modes, at 1 and 2 threads.
 
 ``--memory`` (optional, slow): a fresh subprocess per configuration builds the model, runs one warm-up step, resets
@@ -295,33 +297,38 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
 
     def label_of(width: float) -> str:
-        got = next((r["widths"] for (w, _, _), r in done.items() if w == width and "widths" in r), None)
+        got = next((r["widths"] for key, r in done.items() if key[0] == width and "widths" in r), None)
         return str(tuple(got)) if got else str(WIDTHS.get(width, f"x{width}"))
+
+    def cell(width: float, inp: str, t: int, kind: str, label: str, op: str | None, impl: str) -> str:
+        if op is None:  # the CNN's step time: the median of its medians in the operators' processes
+            got = [statistics.median(r["times"][f"{kind}|{CNN}"]) for key, r in done.items()
+                   if key[:3] == (width, inp, t) and f"{kind}|{CNN}" in r["times"]]
+            if not got:
+                return next((why for key, why in missing.items() if key[:3] == (width, inp, t)), "…")
+            return f"{1e3 * statistics.median(got):.0f} ms"
+        res = done.get((width, inp, t, op))
+        if res is None:
+            return missing.get((width, inp, t, op), "…")
+        if f"{kind}|{label}" not in res["times"]:
+            return "—"
+        ratio = H.paired_median(res["times"], f"{kind}|{label}", f"{kind}|{CNN}")
+        if impl == "fused":  # the reference composition is shown, not targeted
+            cells[kind] += 1
+            over[kind] += ratio > TARGETS[kind]
+        return H.ratio_cell(ratio, TARGETS[kind] if impl == "fused" else None)
+
+    over, cells = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0)
 
     def render(final: bool, tail: str = "") -> str:
         headers = ["widths", "input", "operator", "mode"] + [f"{t} thr {k}" for t in threads for k in kinds]
-        rows, over, cells = [], dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0)
+        rows = []
+        over.update(dict.fromkeys(kinds, 0))
+        cells.update(dict.fromkeys(kinds, 0))
         for width, inp in configs:
             for label, op, impl, _ in todo:
-                row = [label_of(width), inp, op or "CNN-9", "—" if op is None else label.split("|")[1]]
-                for t in threads:
-                    res = done.get((width, inp, t))
-                    for kind in kinds:
-                        key = f"{kind}|{label}"
-                        if res is None:
-                            row.append(missing.get((width, inp, t), "…"))
-                        elif key not in res["times"]:
-                            row.append("—")
-                        elif op is None:
-                            row.append(f"{1e3 * statistics.median(res['times'][key]):.0f} ms")
-                        else:
-                            ratio = H.paired_median(res["times"], key, f"{kind}|{CNN}")
-                            targeted = impl == "fused"
-                            row.append(H.ratio_cell(ratio, TARGETS[kind] if targeted else None))
-                            if targeted:
-                                cells[kind] += 1
-                                over[kind] += ratio > TARGETS[kind]
-                rows.append(row)
+                rows.append([label_of(width), inp, op or "CNN-9", "—" if op is None else label.split("|")[1]]
+                            + [cell(width, inp, t, kind, label, op, impl) for t in threads for kind in kinds])
         wall = time.perf_counter() - start
         summary = ", ".join(f"{kind} {over[kind]} of {cells[kind]}" for kind in kinds)
         status = "" if final and not missing else (
@@ -337,11 +344,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{H.child_cpu_seconds() / 60:.1f} min.",
             "",
             f"Batch {args.batch}, forward + cross-entropy + backward + Adam step. A fresh process per (widths, "
-            "input, thread count); in it every model steps twice to warm up (compiling, for the compiled column), "
+            "input, thread count, operator), each with the CNN; in it every model steps twice to warm up (compiling, for the compiled column), "
             f"then all step interleaved in a rotated order for {rounds} rounds ({inner} step(s) per timed sample). "
             "A cell is the median over rounds of the SphereNet's step time over the CNN's in the same round (eager "
-            "over eager, `torch.compile(model)` over `torch.compile(cnn)`); the CNN-9 rows give its median step "
-            "time. Modes: `default` = the layers' default (`memory_efficient=False`, the fused path saving z); "
+            "over eager, `torch.compile(model)` over `torch.compile(cnn)`); the CNN-9 rows give the median of its "
+            "median step times in those processes. Modes: `default` = the layers' default (`memory_efficient=False`, the fused path saving z); "
             "`memory_efficient` = as `create_model` builds the models (the output is saved and written over the "
             "convolution's buffer); `reference` = the eager composition (not targeted). Targets: "
             + ", ".join(f"{kind} <= {TARGETS[kind]:.2f}x" for kind in kinds)
@@ -356,22 +363,25 @@ def main(argv: list[str] | None = None) -> int:
     name = section_name(args.device, args.autocast)
     for width, inp in configs:
         for t in threads:
-            if deadline.expired():
-                missing[(width, inp, t)] = "budget"
-                continue
-            job = dict(kind="time", width=width, input=inp, operators=args.operators, modes=args.modes,
-                       reference=args.reference, rounds=rounds, inner=inner, compile=args.compile,
-                       backend=args.compile_backend, device=args.device, autocast=args.autocast, batch=args.batch)
-            try:
-                done[(width, inp, t)] = H.run_child(Path(__file__), job, t, deadline.left())
-            except H.ChildError as err:
-                print(f"bench_train_step: {width} {inp} at {t} thread(s) failed: {err}", file=sys.stderr)
-                missing[(width, inp, t)] = "failed"
-                failed = True
-            print(f"bench_train_step: width {width}, {inp}, {t} thread(s): "
-                  f"{'failed' if (width, inp, t) in missing else 'done'}", flush=True)
-            if not args.no_write:  # partial results survive an interrupted run
-                write_section(name, render(final=False), args.doc)
+            for op in args.operators:  # one process per operator (with the CNN): a cut-off run keeps the others
+                key = (width, inp, t, op)
+                if deadline.expired():
+                    missing[key] = "budget"
+                    continue
+                job = dict(kind="time", width=width, input=inp, operators=[op], modes=args.modes,
+                           reference=args.reference, rounds=rounds, inner=inner, compile=args.compile,
+                           backend=args.compile_backend, device=args.device, autocast=args.autocast,
+                           batch=args.batch)
+                try:
+                    done[key] = H.run_child(Path(__file__), job, t, deadline.left())
+                except H.ChildError as err:
+                    print(f"bench_train_step: {width} {inp} {op} at {t} thread(s) failed: {err}", file=sys.stderr)
+                    missing[key] = "failed"
+                    failed = True
+                print(f"bench_train_step: width {width}, {inp}, {op}, {t} thread(s): "
+                      f"{'failed' if key in missing else 'done'}", flush=True)
+                if not args.no_write:  # partial results survive an interrupted run
+                    write_section(name, render(final=False), args.doc)
 
     tail = ""
     if args.memory:

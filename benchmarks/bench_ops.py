@@ -17,9 +17,11 @@ where it is slow without AVX-512-BF16/AMX hardware; the sphere tail runs in floa
 section written is ``bench_ops`` (CPU, float32), with ``_cuda`` and/or ``_bf16`` appended for those runs; a CUDA
 section is labelled with ``torch.cuda.get_device_name()``.
 
-Time (2-core x86_64 CPU, otherwise idle, estimated from a ``--quick`` run): the default full run (batch 128, 10
-rounds, threads 1 and 2, eager) about 15 minutes; ``--compile`` adds the compiled column and about 25 more minutes,
-most of it Inductor compiling 27 modules per thread count (fewer on a second run: Inductor caches on disk).
+Time on an otherwise idle 2-core x86_64 CPU (from the step times of the earlier, eager-only figures; a ``--quick``
+run at 1 thread took 2.3 min wall, 0.3 min CPU, at load 6-7, i.e. other jobs stretch it several-fold): the default
+full run (batch 128, 10 rounds, threads 1 and 2, eager, with the unfold reference) about 6 minutes; ``--compile``
+makes it 15-20 minutes -- the compiled candidates step as long again, and Inductor compiles 9 modules per shape
+for the first thread count (the second reuses its on-disk cache).
 
 Usage:
     python benchmarks/bench_ops.py                       # full: batch 128, 10 rounds, threads 1 and 2

@@ -26,10 +26,14 @@ allocated memory before the step. Target <= 1.3x the CNN. ``--profile`` (optiona
 profile of one step per model (CNN and each operator as ``create_model`` builds it, largest width, 32x32x3) sums
 the self CPU time per category of op: what the remaining cost is.
 
-Time (2-core x86_64 CPU, otherwise idle, estimated from a ``--quick`` run): the default full run (widths 0.25 and
-0.5, both inputs, 7 rounds, threads 1 and 2, eager) about 35 minutes; ``--compile`` roughly doubles the stepping and
-adds Inductor's compilation, about 2 minutes per model on such a machine (36 models per thread count; a second
-thread count reuses Inductor's on-disk cache), so plan 2-3 hours; ``--memory`` adds about 10 minutes.
+Time on an otherwise idle 2-core x86_64 CPU (from the step times of the earlier, eager-only figures: 0.35-2.3 s a
+step at 1 thread for these widths; the ``--quick`` run at 1 thread, at load about 7, took 15 min wall for its first
+(width, input), the CNN stepping 5x slower than on an idle machine): the default full run (widths 0.25 and 0.5,
+both inputs, 7 rounds, threads 1 and 2, eager, 32 processes) about 15 minutes; ``--compile`` about 1 to 1.5 hours
+(Inductor compiles the CNN and 8 SphereNets per (width, input), roughly a minute each on such a machine, and the
+compiled models step as long again; the second thread count reuses the on-disk cache); ``--memory`` adds about
+10 minutes. ``benchmarks/gpu.sh`` runs the official width, 32x32x3, on CUDA within 48% of its budget (3.4 of its
+default 7 minutes; not yet timed on a GPU).
 
 Usage:
     python benchmarks/bench_train_step.py                  # eager, threads 1 and 2, writes docs/benchmarks.md

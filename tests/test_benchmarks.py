@@ -191,6 +191,19 @@ def test_bench_ops_budget_leaves_shapes_out_and_says_so(tmp_path, monkeypatch):
     assert "| (2, 3, 5, 4) | nn.Conv2d | — | budget |" in text and "Run incomplete" in text
 
 
+def test_bench_train_step_budget_leaves_configurations_out_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(H.Deadline, "expired", lambda self: True)
+    doc = tmp_path / "bench.md"
+    argv = ["--widths", "0.0625", "--inputs", "28x28x1", "--threads", "1", "2", "--operators", "linear", "cosine",
+            "--compile", "--doc", str(doc)]
+    assert bench_train_step.main(argv) == 0
+    text = doc.read_text()
+    assert "| widths | input | operator | mode | 1 thr eager | 1 thr compiled | 2 thr eager | 2 thr compiled |" in text
+    assert "| x0.0625 | 28x28x1 | CNN-9 | — | budget | budget | budget | budget |" in text
+    assert "| x0.0625 | 28x28x1 | cosine | memory_efficient | budget | budget | budget | budget |" in text
+    assert "Over target: eager 0 of 0, compiled 0 of 0 cells." in text and "Run incomplete" in text
+
+
 @pytest.mark.slow
 def test_gpu_sh_cpu_quick_runs_every_part_into_a_temporary_doc(tmp_path):
     """gpu.sh's CPU mode: every part for real with tiny sizes (about 30-60 s on a loaded 2-core machine)."""

@@ -204,3 +204,11 @@ def load_line(start: float, end: float, children: Sequence[dict], cores: int | N
     span = f" (between {min(seen):.1f} and {max(seen):.1f} at the children's starts and ends)" if seen else ""
     return (f"1-minute load average {start:.1f} at the start and {end:.1f} at the end{span}, on {cores} cores: "
             "above the core count other jobs shared the CPUs, and single cells carry that noise.")
+
+
+def status_note(final: bool, missing: bool) -> str:
+    """The note under a table: empty for a complete run, else what its placeholder cells mean."""
+    legend = "'budget' = not started within --max-minutes; 'failed' = the child process failed (see stderr)"
+    if not final:
+        return f"\n\n*Run in progress: cells marked … are still being measured; {legend}.*"
+    return f"\n\n*Run incomplete: {legend}.*" if missing else ""

@@ -222,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         wall = time.perf_counter() - start
         device = H.device_label(args.device)
-        status = "" if final and not missing else (
-            "\n\n*Run incomplete: cells marked … are still being measured; "
-            "'budget' = not started within --max-minutes; 'failed' = the child process failed.*")
+        status = H.status_note(final, bool(missing))
         return "\n".join([
             f"## SphereConv2d vs nn.Conv2d: forward + backward (bench_ops, {device}"
             f"{', bf16 autocast' if args.autocast == 'bf16' else ', float32'})",

@@ -335,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                             + [cell(width, inp, t, kind, label, op, impl) for t in threads for kind in kinds])
         wall = time.perf_counter() - start
         summary = ", ".join(f"{kind} {over[kind]} of {cells[kind]}" for kind in kinds)
-        status = "" if final and not missing else (
-            "\n\n*Run incomplete: cells marked … are still being measured; 'budget' = not started within "
-            "--max-minutes; 'failed' = the child process failed.*")
+        status = H.status_note(final, bool(missing))
         text = [
             f"## Training step: SphereNet-9 vs CNN-9 (bench_train_step, {H.device_label(args.device)}"
             f"{', bf16 autocast' if args.autocast == 'bf16' else ', float32'})",
@@ -395,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
             for label, op, impl, _ in todo:
                 job = dict(kind="memory", width=width, input=inp, label=label, device=args.device,
                            autocast=args.autocast, batch=args.batch)
+                if deadline.expired():
+                    rows.append([label_of(width), inp, op or "CNN-9", "—" if op is None else label.split("|")[1],
+                                 "budget", "budget"])
+                    continue
                 try:
                     memory[(width, inp, label)] = H.run_child(Path(__file__), job, threads[0],
                                                               deadline.left())["step_mib"]
@@ -413,8 +415,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Memory of one step ({how}; a fresh process per model, after one warm-up step, {threads[0]} "
             f"thread(s), eager). Target: <= {MEMORY_TARGET}x the CNN.", "",
             *H.markdown_table(["widths", "input", "operator", "mode", "step peak (MiB)", "memory / CNN"], rows, 4)])
-    if args.profile:
+    if args.profile and not deadline.expired():
         tail += "\n\n" + profiles(max(widths), args.batch, threads[0])
+    elif args.profile:
+        tail += "\n\n(Profile not run: the --max-minutes budget was spent.)"
     text = render(final=True, tail=tail)
     print(text)
     if not args.no_write:

@@ -195,13 +195,16 @@ def test_bench_train_step_budget_leaves_configurations_out_and_says_so(tmp_path,
     monkeypatch.setattr(H.Deadline, "expired", lambda self: True)
     doc = tmp_path / "bench.md"
     argv = ["--widths", "0.0625", "--inputs", "28x28x1", "--threads", "1", "2", "--operators", "linear", "cosine",
-            "--compile", "--doc", str(doc)]
+            "--compile", "--memory", "--profile", "--doc", str(doc)]
     assert bench_train_step.main(argv) == 0
     text = doc.read_text()
     assert "| widths | input | operator | mode | 1 thr eager | 1 thr compiled | 2 thr eager | 2 thr compiled |" in text
     assert "| x0.0625 | 28x28x1 | CNN-9 | — | budget | budget | budget | budget |" in text
     assert "| x0.0625 | 28x28x1 | cosine | memory_efficient | budget | budget | budget | budget |" in text
     assert "Over target: eager 0 of 0, compiled 0 of 0 cells." in text and "Run incomplete" in text
+    assert "| step peak (MiB) | memory / CNN |" in text
+    assert "| x0.0625 | 28x28x1 | linear | default | budget | budget |\n" in text  # the memory table's row
+    assert "Profile not run: the --max-minutes budget was spent." in text
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 OUT=""
 MINUTES="7"
-DOC="$ROOT/docs/benchmarks.md"
+DOC=""
 DEVICE="cuda"
 QUICK=0
 DRY=0
@@ -36,7 +36,8 @@ Options:
   --python PATH      the Python with torch and torchsphere's requirements (default: $PYTHON or python3)
   --minutes M        total time budget in minutes, shared out over the parts, each stopped at its share
                      (default 7: tests 10%, bench_ops 22%, bench_train_step 48%, train 15%)
-  --doc FILE         Markdown file the figures go into (default: docs/benchmarks.md)
+  --doc FILE         Markdown file the figures go into (default: docs/benchmarks.md; with --device cpu:
+                     OUT/benchmarks.md, since CPU figures of this script only check it)
   --steps N          training steps of the `torchsphere train` part (default 300; --quick: 4)
   --full             every operator, mode and input in the benchmarks (needs about --minutes 30); without
                      it: bench_ops runs SphereConv2d linear in its default mode, bench_train_step every
@@ -87,9 +88,12 @@ done
 [[ "$BACKEND" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--compile-backend must be a backend name; got '$BACKEND'"
 command -v "$PY" >/dev/null 2>&1 || die "--python: '$PY' is not an executable (give the Python that has torch)"
 [[ -z "$OUT" ]] && OUT="$ROOT/reports/gpu/$(date -u +%Y%m%d-%H%M%S)"
-[[ -d "$(dirname "$DOC")" ]] || die "--doc: the folder of '$DOC' does not exist"
-DOC="$(realpath -m "$DOC")"  # the parts run from the repository root
-OUT="$(realpath -m "$OUT")"
+[[ -z "$DOC" || -d "$(dirname "$DOC")" ]] || die "--doc: the folder of '$DOC' does not exist"
+OUT="$(realpath -m "$OUT")"  # the parts run from the repository root
+if [[ -z "$DOC" ]]; then  # CPU figures of this script are checks, not benchmarks: they stay out of the docs
+    [[ "$DEVICE" == cuda ]] && DOC="$ROOT/docs/benchmarks.md" || DOC="$OUT/benchmarks.md"
+fi
+DOC="$(realpath -m "$DOC")"
 
 # the share of the budget each part gets (seconds); the benchmarks stop starting new configurations 20 s earlier
 share() {  # fraction -> integer seconds of the budget

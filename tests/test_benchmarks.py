@@ -315,3 +315,11 @@ def test_gpu_report_without_a_training_run_says_so(tmp_path):
     (tmp_path / "parts.tsv").write_text("")
     text = gpu_report.render(tmp_path, "cpu", "benchmarks/gpu.sh")
     assert "wrote no summary.json" in text and "Tests: no test log." in text
+
+
+@pytestmark_bash
+def test_gpu_sh_default_doc_is_the_docs_on_cuda_and_the_output_folder_on_cpu(tmp_path):
+    cuda = gpu_sh("--dry-run", "--out", str(tmp_path / "o")).stdout.splitlines()[0]
+    cpu = gpu_sh("--dry-run", "--device", "cpu", "--out", str(tmp_path / "o")).stdout.splitlines()[0]
+    assert cuda.endswith(f"figures into {ROOT / 'docs' / 'benchmarks.md'}")
+    assert cpu.endswith(f"figures into {tmp_path / 'o' / 'benchmarks.md'}")

@@ -27,8 +27,8 @@ profile of one step per model (CNN and each operator as ``create_model`` builds 
 the self CPU time per category of op: what the remaining cost is.
 
 Time on an otherwise idle 2-core x86_64 CPU (from the step times of the earlier, eager-only figures: 0.35-2.3 s a
-step at 1 thread for these widths; the ``--quick`` run at 1 thread, at load about 7, took 15 min wall for its first
-(width, input), the CNN stepping 5x slower than on an idle machine): the default full run (widths 0.25 and 0.5,
+step at 1 thread for these widths; the ``--quick`` run at 1 thread took 20.9 min wall and 2.7 min CPU at load
+5.5-7, its CNN stepping 4-5x slower than on an idle machine): the default full run (widths 0.25 and 0.5,
 both inputs, 7 rounds, threads 1 and 2, eager, 32 processes) about 15 minutes; ``--compile`` about 1 to 1.5 hours
 (Inductor compiles the CNN and 8 SphereNets per (width, input), roughly a minute each on such a machine, and the
 compiled models step as long again; the second thread count reuses the on-disk cache); ``--memory`` adds about

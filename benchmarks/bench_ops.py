@@ -27,8 +27,6 @@ Usage:
     python benchmarks/bench_ops.py                       # full: batch 128, 10 rounds, threads 1 and 2
     python benchmarks/bench_ops.py --compile             # + the compiled column
     python benchmarks/bench_ops.py --quick               # batch 8, 3 rounds: checks that the script runs
-                                                         # (its tails stay below fused.COMPILE_MIN_NUMEL, so
-                                                         # they run the eager kernels: not the full run's path)
     python benchmarks/bench_ops.py --device cuda --autocast bf16 --compile --threads 4
 """
 from __future__ import annotations

@@ -13,10 +13,21 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
 
-def machine() -> str:
-    """One line naming the hardware and software a figure was measured on."""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}")
+def machine(device: str | None = None) -> str:
+    """One line naming the hardware and software a figure was measured on.
+
+    Args:
+        device: None: this process's thread count is part of the line (the figures were measured here);
+            ``"cpu"``/``"cuda"``: the figures come from child processes that state their own thread counts, and a
+            CUDA line names the GPU (``torch.cuda.get_device_name()``) and the CUDA version torch was built with.
+    """
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    soft = f"torch {torch.__version__}, Python {platform.python_version()}"
+    if device is None:
+        return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), {cpu}, {soft}"
+    return f"{cpu}, {soft}"
 
 
 def write_section(name: str, markdown: str, doc: Path = DOC) -> None:

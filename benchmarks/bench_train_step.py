@@ -1,26 +1,45 @@
-"""Training-step time and peak memory of SphereNet-9 against its CNN-9 twin (docs/benchmarks.md).
+"""Training-step time of SphereNet-9 against its CNN-9 twin, eager and compiled (docs/benchmarks.md).
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). One step = forward, cross-entropy,
 backward, Adam step, batch 128, for the plain 9-layer net (``create_model("cnn9"/"spherenet9")``) at width
-multipliers 0.25, 0.5 and 1.0, i.e. stage widths (32, 48, 64), (64, 96, 128) and the official (128, 192, 256), on
-28x28x1 and 32x32x3 inputs. Every sphere operator runs in three variants: as the models build it (the fused path,
-``memory_efficient=True``: the output is saved and written over the convolution's buffer), the fused path saving
-z (``memory_efficient=False``, the layers' default), and the eager reference composition (``impl="reference"``,
-the path before the fused one; only up to ``--reference-max-width``, it is slow).
+multipliers 0.25 and 0.5, i.e. stage widths (32, 48, 64) and (64, 96, 128) (``--widths 1.0``: the official
+(128, 192, 256)), on 28x28x1 and 32x32x3 inputs. Every sphere operator runs in two modes: ``default`` = the layers'
+default (``memory_efficient=False``: the fused path saving z) and ``memory_efficient`` (as ``create_model`` builds
+the models: the output is saved and written over the convolution's buffer); ``--reference`` adds the eager
+reference composition (``impl="reference"``, the path before the fused one), eager only.
 
-Time: all models of one (width, input) run interleaved in one process (one step of each in turn, the order
-rotated every round), after a warm-up step; the figure is the median over the measured rounds. Memory: a fresh
-subprocess per configuration builds the model, runs one warm-up step, resets the peak-RSS counter
-(``echo 5 > /proc/self/clear_refs``), runs one more step and reads VmHWM from /proc/self/status; the figure is that
-peak minus the RSS just before the measured step (model, data and optimizer state excluded), i.e. the memory the
-step itself needs. glibc is told to mmap every block above 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so freed tensors
-leave the RSS and the peak is the peak of live tensors rather than of the allocator's cache. Then a
-``torch.profiler`` profile of one step per model (CNN and each operator, largest width, 32x32x3) sums the self CPU
-time per category of op (convolution, BatchNorm, the compiled sphere kernels, ...): what the remaining cost is.
+Time: a fresh process per (width, input, thread count, operator) -- ``OMP_NUM_THREADS=N`` and
+``torch.set_num_threads(N)``, since the thread pool cannot be resized reliably in one process -- builds the CNN and
+the operator's SphereNets (and, with ``--compile``, a second copy of each under ``torch.compile``, the CNN's too),
+runs two warm-up steps of each (the compiled ones compile then), then one step of each in turn, the order rotated
+every round. A cell is the median over rounds of the SphereNet's step time over the CNN's in the same round and
+process (eager over eager, compiled over compiled); the CNN rows give the median of its median step times in the
+operators' processes. One process per operator keeps a run that is cut off (``--max-minutes``) with the operators
+it finished. Targets: <= 1.10x the CNN eager, <= 1.05x compiled vs compiled, for every operator, in
+both modes, at 1 and 2 threads.
+
+``--memory`` (optional, slow): a fresh subprocess per configuration builds the model, runs one warm-up step, resets
+the peak counter and runs one more step. CPU: the peak RSS (``echo 5 > /proc/self/clear_refs``, then VmHWM from
+/proc/self/status) minus the RSS just before the step, with glibc told to mmap every block above 64 KiB
+(``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the RSS; CUDA: ``torch.cuda.max_memory_allocated`` minus the
+allocated memory before the step. Target <= 1.3x the CNN. ``--profile`` (optional, CPU): a ``torch.profiler``
+profile of one step per model (CNN and each operator as ``create_model`` builds it, largest width, 32x32x3) sums
+the self CPU time per category of op: what the remaining cost is.
+
+Time on an otherwise idle 2-core x86_64 CPU (from the step times of the earlier, eager-only figures: 0.35-2.3 s a
+step at 1 thread for these widths; the ``--quick`` run at 1 thread took 20.9 min wall and 2.7 min CPU at load
+5.5-7, its CNN stepping 4-5x slower than on an idle machine): the default full run (widths 0.25 and 0.5,
+both inputs, 7 rounds, threads 1 and 2, eager, 32 processes) about 15 minutes; ``--compile`` about 1 to 1.5 hours
+(Inductor compiles the CNN and 8 SphereNets per (width, input), roughly a minute each on such a machine, and the
+compiled models step as long again; the second thread count reuses the on-disk cache); ``--memory`` adds about
+10 minutes. ``benchmarks/gpu.sh`` runs the official width, 32x32x3, on CUDA within 48% of its budget (3.4 of its
+default 7 minutes; not yet timed on a GPU).
 
 Usage:
-    python benchmarks/bench_train_step.py            # full benchmark, writes docs/benchmarks.md
-    python benchmarks/bench_train_step.py --quick    # smallest width, fewer steps
+    python benchmarks/bench_train_step.py                  # eager, threads 1 and 2, writes docs/benchmarks.md
+    python benchmarks/bench_train_step.py --compile        # + the compiled column (slow on CPU: see above)
+    python benchmarks/bench_train_step.py --quick          # width 0.25, 3 rounds
+    python benchmarks/bench_train_step.py --device cuda --autocast bf16 --compile --widths 1.0
 """
 from __future__ import annotations
 
@@ -29,7 +48,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -39,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 from _report import DOC, machine, write_section  # noqa: E402
 
 from torchsphere.functional.conv import sphere_conv1d, sphere_conv2d, sphere_conv3d  # noqa: E402
@@ -47,9 +66,13 @@ from torchsphere.models import create_model  # noqa: E402
 from torchsphere.nn import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear  # noqa: E402
 
 OPERATORS = ("linear", "cosine", "sigmoid", "learnable_sigmoid")
+MODES = ("default", "memory_efficient")
 WIDTHS = {0.25: (32, 48, 64), 0.5: (64, 96, 128), 1.0: (128, 192, 256)}
 INPUTS = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
 BATCH = 128
+TARGETS = {"eager": 1.10, "compiled": 1.05}  # SphereNet-9 step / CNN-9 step
+MEMORY_TARGET = 1.3
+CNN = "cnn"
 
 
 @contextlib.contextmanager
@@ -74,17 +97,18 @@ def sphere_impl(impl: str):
         SphereLinear.forward = linear_forward
 
 
-def variants(width: float, reference_max_width: float) -> list[tuple[str, str | None, str, bool]]:
-    """(label, operator or None for the CNN, impl, memory_efficient)."""
-    out = [("cnn", None, "fused", True)]
-    for op in OPERATORS:
-        out += [(op, op, "fused", True), (f"{op}/save-z", op, "fused", False)]
-        if width <= reference_max_width:
-            out.append((f"{op}/reference", op, "reference", False))
+def variants(operators, modes, reference: bool) -> list[tuple[str, str | None, str, bool]]:
+    """(label, operator or None for the CNN, impl, memory_efficient); labels are ``op|mode``."""
+    out = [(CNN, None, "fused", False)]
+    for op in operators:
+        out += [(f"{op}|{mode}", op, "fused", mode == "memory_efficient") for mode in modes]
+        if reference:
+            out.append((f"{op}|reference", op, "reference", False))
     return out
 
 
-def build(operator: str | None, width: float, channels: int, size: int, memory_efficient: bool = True):
+def build(operator: str | None, width: float, channels: int, size: int, memory_efficient: bool, batch: int,
+          device: str):
     torch.manual_seed(0)
     if operator is None:
         model = create_model("cnn9", width_mult=width, in_channels=channels, input_size=size, num_classes=10)
@@ -94,35 +118,39 @@ def build(operator: str | None, width: float, channels: int, size: int, memory_e
         for layer in model.modules():
             if isinstance(layer, SphereConv2d):
                 layer.memory_efficient = memory_efficient
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(BATCH, channels, size, size)
-    y = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     return model, opt, x, y
 
 
-def train_step(model, opt, x, y, impl: str) -> None:
-    with sphere_impl(impl):
+def stage_widths(model) -> tuple[int, ...]:
+    return tuple(stage[0].conv.out_channels for stage in model.stages)
+
+
+def train_step(model, opt, x, y, impl: str, device: str = "cpu", autocast: str = "none") -> None:
+    # the default (fused) path is the layers' own: no patching, which a compiled model would see as a new graph
+    with sphere_impl(impl) if impl != "fused" else contextlib.nullcontext():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with H.autocast(device, autocast):
+            loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
 
 
-def time_config(width: float, channels: int, size: int, rounds: int, todo: list) -> dict[str, float]:
-    """Median step time (s) of every variant, interleaved in this process."""
-    runs = []
-    for label, op, impl, mem in todo:
-        model, opt, x, y = build(op, width, channels, size, mem)
-        train_step(model, opt, x, y, impl)  # warm-up
-        runs.append((label, model, opt, x, y, impl))
-    times: dict[str, list[float]] = {r[0]: [] for r in runs}
-    for i in range(rounds):
-        order = runs[i % len(runs):] + runs[:i % len(runs)]
-        for label, model, opt, x, y, impl in order:
-            t0 = time.perf_counter()
-            train_step(model, opt, x, y, impl)
-            times[label].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def time_child(job: dict, result: dict) -> None:
+    """Median-ready step times of every variant of one (width, input), eager and compiled, interleaved."""
+    channels, size = INPUTS[job["input"]]
+    device, steps = job["device"], {}
+    for label, op, impl, mem in variants(job["operators"], job["modes"], job["reference"]):
+        kinds = ["eager"] + (["compiled"] if job["compile"] and impl == "fused" else [])
+        for kind in kinds:
+            model, opt, x, y = build(op, job["width"], channels, size, mem, job["batch"], device)
+            result["widths"] = stage_widths(model)
+            fn = H.compile_fn(model, job["backend"]) if kind == "compiled" else model
+            steps[f"{kind}|{label}"] = partial(train_step, fn, opt, x, y, impl, device, job["autocast"])
+    result["times"] = H.interleaved(steps, job["rounds"], device, job["inner"])
 
 
 def _status_kib(field: str) -> int:
@@ -132,24 +160,31 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(label: str, width: float, channels: int, size: int) -> None:
-    """Runs in a fresh process: prints the peak RSS (MiB) of one step above the RSS before it."""
-    op, impl, mem = dict((v[0], v[1:]) for v in variants(width, width))[label]
-    model, opt, x, y = build(op, width, channels, size, mem)
-    train_step(model, opt, x, y, impl)
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    train_step(model, opt, x, y, impl)
-    print(json.dumps({"step_mib": (_status_kib("VmHWM") - before) / 1024, "total_mib": _status_kib("VmHWM") / 1024}))
+def memory_child(job: dict, result: dict) -> None:
+    """The memory one step needs above what is allocated before it (MiB), one variant, in a fresh process."""
+    channels, size = INPUTS[job["input"]]
+    device = job["device"]
+    _, op, impl, mem = {v[0]: v for v in variants(OPERATORS, MODES, True)}[job["label"]]
+    model, opt, x, y = build(op, job["width"], channels, size, mem, job["batch"], device)
+    step = partial(train_step, model, opt, x, y, impl, device, job["autocast"])
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        result["step_mib"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _status_kib("VmRSS")
+        step()
+        result["step_mib"] = (_status_kib("VmHWM") - before) / 1024
 
 
-def memory_config(label: str, width: float, channels: int, size: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--memory-child", label, str(width), str(channels), str(size)]
-    # tensors above 64 KiB are mmap-ed and unmapped when freed, so the RSS follows the live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def child(job: dict) -> None:
+    with H.child_context(job) as result:
+        (memory_child if job["kind"] == "memory" else time_child)(job, result)
 
 
 # what each profiled op belongs to, by name (first match); the compiled graphs are the fused sphere kernels
@@ -161,9 +196,9 @@ CATEGORIES = (("convolution (forward + backward)", ("convolution",)),
               ("other (elementwise, copies, optimizer, autograd)", ("",)))
 
 
-def profile_step(operator: str | None, width: float, channels: int, size: int) -> dict[str, float]:
-    """Self CPU time (ms) of one step of the model-default variant, summed per category."""
-    model, opt, x, y = build(operator, width, channels, size)
+def profile_step(operator: str | None, width: float, batch: int) -> dict[str, float]:
+    """Self CPU time (ms) of one step of the model as ``create_model`` builds it, summed per category."""
+    model, opt, x, y = build(operator, width, 3, 32, operator is not None, batch, "cpu")
     train_step(model, opt, x, y, "fused")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_step(model, opt, x, y, "fused")
@@ -174,12 +209,13 @@ def profile_step(operator: str | None, width: float, channels: int, size: int) -
     return totals
 
 
-def profiles(width: float) -> str:
-    """A table: where one step's time goes, CNN against every operator (model-default variant), 32x32x3."""
+def profiles(width: float, batch: int, threads: int) -> str:
+    """A table: where one step's time goes, CNN against every operator (``memory_efficient``), 32x32x3."""
+    torch.set_num_threads(threads)
     cols = [("CNN", None)] + [(op, op) for op in OPERATORS]
-    data = {label: profile_step(op, width, 3, 32) for label, op in cols}
-    lines = [f"Where one step goes (self CPU time of a `torch.profiler` profile, ms; widths {WIDTHS[width]}, "
-             "32x32x3, batch 128; sphere models as built by `create_model`):", "",
+    data = {label: profile_step(op, width, batch) for label, op in cols}
+    lines = [f"Where one step goes (self CPU time of a `torch.profiler` profile, ms, {threads} thread(s); width "
+             f"multiplier {width}, 32x32x3, batch {batch}; sphere models as built by `create_model`):", "",
              "| category | " + " | ".join(label for label, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, _ in CATEGORIES:
@@ -188,73 +224,207 @@ def profiles(width: float) -> str:
     return "\n".join(lines)
 
 
-def profile_into_partial_section(width: float) -> None:
-    """Completes the section of an interrupted run: a note on what is missing, then the profiles."""
-    start, end = "<!-- bench_train_step:start -->", "<!-- bench_train_step:end -->"
-    text = DOC.read_text()
-    section = text[text.index(start) + len(start):text.index(end)].strip()
-    note = "Widths not listed above were not measured: the run was stopped for lack of time (the script runs them)."
-    write_section("bench_train_step", section.replace("(profile pending: run incomplete)",
-                                                      note + "\n\n" + profiles(width)))
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a width multiplier is a number > 0; got {text!r}")
+    return value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smallest width, fewer steps")
-    parser.add_argument("--rounds", type=int, default=None, help="measured steps per model (default 5, quick 3)")
-    parser.add_argument("--widths", type=float, nargs="+", choices=list(WIDTHS), default=list(WIDTHS),
-                        help="width multipliers to run (default all); the profile uses the largest")
-    parser.add_argument("--profile-only", type=float, choices=list(WIDTHS), default=None,
-                        help="only profile one step at this width and add it to an interrupted run's section")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default torch's); 1 avoids OpenMP barrier stalls on a shared machine")
-    parser.add_argument("--reference-max-width", type=float, default=0.5,
-                        help="run the slow eager reference variant only up to this width multiplier (default 0.5)")
-    parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/benchmarks.md")
-    parser.add_argument("--memory-child", nargs=4, metavar=("LABEL", "WIDTH", "C", "SIZE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_child:
-        label, width, channels, size = args.memory_child
-        memory_child(label, float(width), int(channels), int(size))
-        return
-    if args.profile_only is not None:
-        profile_into_partial_section(args.profile_only)
-        return
-    rounds = args.rounds or (3 if args.quick else 5)
-    widths = [0.25] if args.quick else sorted(args.widths)
-    cmd = " ".join(["benchmarks/bench_train_step.py", *sys.argv[1:]])
-    head = [f"## Training step: SphereNet-9 vs CNN-9 (`{cmd}`)",
-            "", f"Machine: {machine()}.", "",
-            f"Batch {BATCH}, forward + cross-entropy + backward + Adam step. Time: median of {rounds} interleaved "
-            "steps per model in one process (after one warm-up step). Memory: peak RSS of one step above the RSS "
-            "before it (VmHWM after `clear_refs`, a fresh subprocess per configuration, after one warm-up step, "
-            "blocks above 64 KiB mmap-ed so that freed tensors leave the RSS). Variants: the operator's name alone "
-            "= the model as `create_model` builds it (fused path, `memory_efficient=True`: the output is saved and "
-            "written over the convolution's buffer); `save-z` = the fused path saving z (the layers' default, "
-            "`memory_efficient=False`); `reference` = the eager composition (the path before the fused one; up to "
-            "width "
-            f"multiplier {args.reference_max_width}). Targets: time <= 1.10x, memory <= 1.3x the CNN.", ""]
-    rows = ["| width | input | variant | step (ms) | time / CNN | step peak (MiB) | memory / CNN |",
-            "|---|---|---|---:|---:|---:|---:|"]
-    for width in widths:
-        for input_name, (channels, size) in INPUTS.items():
-            todo = variants(width, args.reference_max_width)
-            times = time_config(width, channels, size, rounds, todo)
-            mems = {label: memory_config(label, width, channels, size)["step_mib"] for label, *_ in todo}
-            for label, *_ in todo:
-                rows.append(f"| {WIDTHS[width]} | {input_name} | {label} | {1e3 * times[label]:.0f} | "
-                            f"{times[label] / times['cnn']:.2f}x | {mems[label]:.0f} | "
-                            f"{mems[label] / mems['cnn']:.2f}x |")
-                print(rows[-1], flush=True)
-            if not args.no_write:  # partial results survive an interrupted run
-                write_section("bench_train_step", "\n".join([*head, *rows, "", "(profile pending: run incomplete)"]))
-    text = "\n".join([*head, *rows, "", profiles(widths[-1])])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="width 0.25, 3 rounds")
+    p.add_argument("--rounds", type=int, default=None, help="measured steps per model (default 7, quick 3)")
+    p.add_argument("--widths", type=positive_float, nargs="+", default=None,
+                   help="width multipliers (default 0.25 0.5; 1.0 = the official widths)")
+    p.add_argument("--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS))
+    p.add_argument("--operators", nargs="+", choices=OPERATORS, default=list(OPERATORS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="default (memory_efficient=False, the layers' default), memory_efficient (the models')")
+    p.add_argument("--reference", action="store_true", help="add the eager reference composition (slow; eager only)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts, each measured in fresh processes (default: 1 2 on CPU, torch's on CUDA)")
+    p.add_argument("--compile", action="store_true", help="add the column torch.compile(model) vs torch.compile(cnn)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; 'eager' only traces, for a quick check)")
+    p.add_argument("--device", choices=H.DEVICES, default="cpu")
+    p.add_argument("--autocast", choices=H.AUTOCASTS, default="none",
+                   help="bf16: forward and loss under bfloat16 autocast (meant for CUDA; allowed on CPU)")
+    p.add_argument("--inner", type=int, default=None,
+                   help="steps per timed sample (default 1 on CPU, 5 on CUDA, where one step is too short)")
+    p.add_argument("--memory", action="store_true", help="also measure each step's peak memory (slow)")
+    p.add_argument("--profile", action="store_true", help="also profile one step per model (CPU only)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: configurations not started in time are left out (marked)")
+    p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
+    p.add_argument("--no-write", action="store_true", help="print only, do not touch the docs file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def section_name(device: str, autocast: str) -> str:
+    return "bench_train_step" + ("_cuda" if device == "cuda" else "") + ("_bf16" if autocast == "bf16" else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    try:
+        rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
+        for name, value in (("--rounds", rounds), ("--batch", args.batch), ("--inner", args.inner),
+                            ("--max-minutes", args.max_minutes)):
+            H.check_positive(name, value)
+        H.check_device(args.device, args.autocast)
+        threads = H.check_threads(args.threads, args.device)
+        if args.profile and args.device != "cpu":
+            raise ValueError(f"--profile measures CPU time; it needs --device cpu, got --device {args.device}")
+    except ValueError as err:
+        parser.error(str(err))
+    widths = args.widths or ([0.25] if args.quick else [0.25, 0.5])
+    inner = args.inner or (5 if args.device == "cuda" else 1)
+    kinds = ["eager", "compiled"] if args.compile else ["eager"]
+    todo = variants(args.operators, args.modes, args.reference)
+    configs = [(w, i) for w in widths for i in args.inputs]
+    command = " ".join(["python benchmarks/bench_train_step.py", *(sys.argv[1:] if argv is None else argv)])
+    deadline = H.Deadline(args.max_minutes)
+    start, load_start = time.perf_counter(), H.load1()
+    done: dict[tuple, dict] = {}
+    missing: dict[tuple, str] = {}
+    memory: dict[tuple, float] = {}
+    failed = False
+
+    def label_of(width: float) -> str:
+        got = next((r["widths"] for key, r in done.items() if key[0] == width and "widths" in r), None)
+        return str(tuple(got)) if got else str(WIDTHS.get(width, f"x{width}"))
+
+    def cell(width: float, inp: str, t: int, kind: str, label: str, op: str | None, impl: str) -> str:
+        if op is None:  # the CNN's step time: the median of its medians in the operators' processes
+            got = [statistics.median(r["times"][f"{kind}|{CNN}"]) for key, r in done.items()
+                   if key[:3] == (width, inp, t) and f"{kind}|{CNN}" in r["times"]]
+            if not got:
+                return next((why for key, why in missing.items() if key[:3] == (width, inp, t)), "…")
+            return f"{1e3 * statistics.median(got):.0f} ms"
+        res = done.get((width, inp, t, op))
+        if res is None:
+            return missing.get((width, inp, t, op), "…")
+        if f"{kind}|{label}" not in res["times"]:
+            return "—"
+        ratio = H.paired_median(res["times"], f"{kind}|{label}", f"{kind}|{CNN}")
+        if impl == "fused":  # the reference composition is shown, not targeted
+            cells[kind] += 1
+            over[kind] += ratio > TARGETS[kind]
+        return H.ratio_cell(ratio, TARGETS[kind] if impl == "fused" else None)
+
+    over, cells = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0)
+
+    def render(final: bool, tail: str = "") -> str:
+        headers = ["widths", "input", "operator", "mode"] + [f"{t} thr {k}" for t in threads for k in kinds]
+        rows = []
+        over.update(dict.fromkeys(kinds, 0))
+        cells.update(dict.fromkeys(kinds, 0))
+        for width, inp in configs:
+            for label, op, impl, _ in todo:
+                rows.append([label_of(width), inp, op or "CNN-9", "—" if op is None else label.split("|")[1]]
+                            + [cell(width, inp, t, kind, label, op, impl) for t in threads for kind in kinds])
+        wall = time.perf_counter() - start
+        summary = ", ".join(f"{kind} {over[kind]} of {cells[kind]}" for kind in kinds)
+        status = H.status_note(final, bool(missing))
+        text = [
+            f"## Training step: SphereNet-9 vs CNN-9 (bench_train_step, {H.device_label(args.device)}"
+            f"{', bf16 autocast' if args.autocast == 'bf16' else ', float32'})",
+            "",
+            f"Command: `{command}`. Machine: {machine(args.device)}. "
+            + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
+            + f" Wall time {wall / 60:.1f} min, CPU time of the measuring processes "
+              f"{H.child_cpu_seconds() / 60:.1f} min.",
+            "",
+            f"Batch {args.batch}, forward + cross-entropy + backward + Adam step. A fresh process per (widths, "
+            "input, thread count, operator), each with the CNN; in it every model steps twice to warm up (compiling, for the compiled column), "
+            f"then all step interleaved in a rotated order for {rounds} rounds ({inner} step(s) per timed sample). "
+            "A cell is the median over rounds of the SphereNet's step time over the CNN's in the same round (eager "
+            "over eager, `torch.compile(model)` over `torch.compile(cnn)`); the CNN-9 rows give the median of its "
+            "median step times in those processes. Modes: `default` = the layers' default (`memory_efficient=False`, the fused path saving z); "
+            "`memory_efficient` = as `create_model` builds the models (the output is saved and written over the "
+            "convolution's buffer); `reference` = the eager composition (not targeted). Targets: "
+            + ", ".join(f"{kind} <= {TARGETS[kind]:.2f}x" for kind in kinds)
+            + f" the CNN; cells above target are marked {H.OVER}.",
+            "",
+            *H.markdown_table(headers, rows, 4),
+            "",
+            f"Over target: {summary} cells." + status,
+        ]
+        return "\n".join(text) + tail
+
+    name = section_name(args.device, args.autocast)
+    for width, inp in configs:
+        for t in threads:
+            for op in args.operators:  # one process per operator (with the CNN): a cut-off run keeps the others
+                key = (width, inp, t, op)
+                if deadline.expired():
+                    missing[key] = "budget"
+                    continue
+                job = dict(kind="time", width=width, input=inp, operators=[op], modes=args.modes,
+                           reference=args.reference, rounds=rounds, inner=inner, compile=args.compile,
+                           backend=args.compile_backend, device=args.device, autocast=args.autocast,
+                           batch=args.batch)
+                try:
+                    done[key] = H.run_child(Path(__file__), job, t, deadline.left())
+                except H.ChildError as err:
+                    print(f"bench_train_step: {width} {inp} {op} at {t} thread(s) failed: {err}", file=sys.stderr)
+                    missing[key] = "failed"
+                    failed = True
+                print(f"bench_train_step: width {width}, {inp}, {op}, {t} thread(s): "
+                      f"{'failed' if key in missing else 'done'}", flush=True)
+                if not args.no_write:  # partial results survive an interrupted run
+                    write_section(name, render(final=False), args.doc)
+
+    tail = ""
+    if args.memory:
+        os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")  # inherited by the children
+        rows = []
+        for width, inp in configs:
+            for label, op, impl, _ in todo:
+                job = dict(kind="memory", width=width, input=inp, label=label, device=args.device,
+                           autocast=args.autocast, batch=args.batch)
+                if deadline.expired():
+                    rows.append([label_of(width), inp, op or "CNN-9", "—" if op is None else label.split("|")[1],
+                                 "budget", "budget"])
+                    continue
+                try:
+                    memory[(width, inp, label)] = H.run_child(Path(__file__), job, threads[0],
+                                                              deadline.left())["step_mib"]
+                except H.ChildError as err:
+                    print(f"bench_train_step: memory of {label} failed: {err}", file=sys.stderr)
+                    failed = True
+                mib, base = memory.get((width, inp, label)), memory.get((width, inp, CNN))
+                ratio = None if mib is None or not base else mib / base
+                rows.append([label_of(width), inp, op or "CNN-9", "—" if op is None else label.split("|")[1],
+                             "—" if mib is None else f"{mib:.1f}",
+                             H.ratio_cell(ratio, MEMORY_TARGET if impl == "fused" and op else None)])
+        how = ("torch.cuda.max_memory_allocated above the allocation before the step" if args.device == "cuda" else
+               "peak RSS above the RSS before the step (VmHWM after `clear_refs`; blocks above 64 KiB mmap-ed so "
+               "that freed tensors leave the RSS)")
+        tail += "\n\n" + "\n".join([
+            f"Memory of one step ({how}; a fresh process per model, after one warm-up step, {threads[0]} "
+            f"thread(s), eager). Target: <= {MEMORY_TARGET}x the CNN.", "",
+            *H.markdown_table(["widths", "input", "operator", "mode", "step peak (MiB)", "memory / CNN"], rows, 4)])
+    if args.profile and not deadline.expired():
+        tail += "\n\n" + profiles(max(widths), args.batch, threads[0])
+    elif args.profile:
+        tail += "\n\n(Profile not run: the --max-minutes budget was spent.)"
+    text = render(final=True, tail=tail)
     print(text)
     if not args.no_write:
-        write_section("bench_train_step", text)
+        write_section(name, text, args.doc)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,10 +12,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from conftest import SAVE_OUTPUT_GRAD_RTOL_OF_MAX, TOL, assert_close
-from torchsphere.functional import sphere_conv1d, sphere_conv2d, sphere_conv3d, sphere_linear
+from conftest import DEVICE, SAVE_OUTPUT_GRAD_RTOL_OF_MAX, TOL, assert_close
+from torchsphere.functional import (angular_margin_logits, patch_norm_sq, sphere_conv1d, sphere_conv2d, sphere_conv3d,
+                                    sphere_linear)
 from torchsphere.functional.norms import (channel_square_sum_safe, filter_norm_safe, patch_norm_safe, safe_norm,
                                           safe_normalize, safe_rnorm)
 from torchsphere.nn import AngularHead, SphereNorm1d, SphereNorm2d, SphereNorm3d
@@ -66,11 +68,11 @@ def _check_fn(fn, inputs: dict[str, Tensor], floors: dict[str, float] | None = N
     ``floors``: natural scales by name ("output", "grad <input>"), see :func:`assert_matches_float64`.
     """
     floors = floors or {}
-    x32 = _leaves({k: v.float() for k, v in inputs.items()}, torch.float32)
+    x32 = _leaves({k: v.float().to(DEVICE) for k, v in inputs.items()}, torch.float32)
     x64 = _leaves(x32, torch.float64)
     out32, out64 = fn(**x32), fn(**x64)
     assert out32.dtype == torch.float32 and out64.dtype == torch.float64
-    g = _upstream(out64.shape)
+    g = _upstream(out64.shape).to(DEVICE)
     (out32 * g.float()).sum().backward()
     (out64 * g).sum().backward()
     assert_matches_float64("output", out32, out64, floors.get("output", 0.0))
@@ -83,12 +85,13 @@ def _check_module(module: nn.Module, x: Tensor, *args, floors: dict[str, float] 
                   atol_grad: float | None = None) -> None:
     """A float32 module and its float64 copy on s x (float32, then cast): output, input and parameter gradients."""
     floors = floors or {}
-    m32 = module.float()
+    m32 = module.float().to(DEVICE)
     m64 = copy.deepcopy(m32).double()
-    x32 = x.float().requires_grad_(True)
+    x32 = x.float().to(DEVICE).requires_grad_(True)
+    args = tuple(a.to(DEVICE) for a in args)
     x64 = x32.detach().double().requires_grad_(True)
     out32, out64 = m32(x32, *args), m64(x64, *args)
-    g = _upstream(out64.shape)
+    g = _upstream(out64.shape).to(DEVICE)
     (out32 * g.float()).sum().backward()
     (out64 * g).sum().backward()
     assert_matches_float64("output", out32, out64, floors.get("output", 0.0))
@@ -131,6 +134,34 @@ def test_safe_norm_is_the_plain_formula_where_that_does_not_overflow():
             assert torch.equal(safe_norm(x, 1, 0.0), torch.linalg.vector_norm(x, dim=1))
 
 
+@pytest.mark.parametrize("fn", (safe_norm, safe_rnorm, safe_normalize), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("scale", (1e-3, 1.0, 1e5))
+def test_safe_norms_gradcheck_and_double_backward(fn, scale):
+    """The analytic backward is the derivative of the formula, and itself differentiable (float64, several seeds)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = (scale * torch.randn(3, 5, dtype=torch.float64)).requires_grad_(True)
+        f = (lambda t: fn(t, 1, EPS))
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_channel_square_sum_gradcheck_and_double_backward():
+    """float32 input, float64 sums: the analytic backward against finite differences of a float64 evaluation."""
+    x = torch.randn(2, 4, 3, 3)
+    for scale in (1e-3, 1.0, 1e20):
+        x32 = (scale * x).requires_grad_(True)
+        x64 = x32.detach().double().requires_grad_(True)
+        g = _upstream((2, 2, 3, 3))
+        (channel_square_sum_safe(x32, 2) * g).sum().backward()
+        (x64.reshape(2, 2, 2, 3, 3).square().sum(2) * g).sum().backward()
+        assert_matches_float64("grad", x32.grad, x64.grad)
+        # double backward: dS/dx = 2 x g, so d/dx of sum(dS/dx) = 2 g (on each channel of the group)
+        first, = torch.autograd.grad((channel_square_sum_safe(x32, 2) * g).sum(), x32, create_graph=True)
+        second, = torch.autograd.grad(first.sum(), x32)
+        assert_close(second, 2.0 * g.repeat_interleave(2, dim=1), dtype=torch.float32)
+
+
 def test_safe_norm_zero_gradient_is_finite():
     x = torch.zeros(3, 8, requires_grad=True)
     (safe_norm(x, 1, EPS).sum() + safe_norm(x, 1, 0.0).sum() + safe_rnorm(x, 1, EPS).sum()).backward()
@@ -149,8 +180,7 @@ def test_patch_norm_handles_mixed_magnitudes_in_one_sample():
     """Per-location scales: a patch of 1e-3 entries beside 1e30 ones keeps its own norm (no shared-scale underflow)."""
     x = torch.full((1, 3, 1, 8), 1e-3, dtype=torch.float64)
     x[..., :2] = 1e30
-    n64 = torch.sqrt(torch.nn.functional.conv2d(x.square().sum(1, keepdim=True), torch.ones(1, 1, 1, 3)
-                                                .double()) + EPS)
+    n64 = torch.sqrt(F.conv2d(x.square().sum(1, keepdim=True), torch.ones(1, 1, 1, 3, dtype=torch.float64)) + EPS)
     n32 = patch_norm_safe(x.float(), (1, 3), eps=EPS)
     assert_close(n32.double() / n64, torch.ones_like(n64), dtype=torch.float32)
     assert channel_square_sum_safe(x.float()).dtype == torch.float64
@@ -236,9 +266,9 @@ def test_angular_head_at_scale(operator, with_labels, head, scale):
 
 def test_angular_head_overflow_regression():
     """The reported case: features of magnitude 1e19 used to give NaN logits and gradients."""
-    head = AngularHead(512, 10, margin=2.0)
-    x = (torch.randn(4, 512) * 1e19).requires_grad_(True)
-    logits = head(x, torch.tensor([0, 1, 2, 3]))
+    head = AngularHead(512, 10, margin=2.0, device=DEVICE)
+    x = (torch.randn(4, 512) * 1e19).to(DEVICE).requires_grad_(True)
+    logits = head(x, torch.tensor([0, 1, 2, 3], device=DEVICE))
     logits.sum().backward()
     assert bool(torch.isfinite(logits).all()) and bool(torch.isfinite(x.grad).all())
     norm = torch.linalg.vector_norm(x.detach().double(), dim=1)
@@ -297,13 +327,13 @@ REGULARIZERS = {
     "mhe s=0": lambda w: hyperspherical_energy(w, 0.0),
     "mhe s=2 half-space": lambda w: hyperspherical_energy(w, 2.0, half_space=True),
     "a-mhe s=1": lambda w: hyperspherical_energy(w, 1.0, angular=True),
-    "stochastic mhe": lambda w: stochastic_energy(w, 1.0, labels=torch.tensor([0, 2, 5])),
+    "stochastic mhe": lambda w: stochastic_energy(w, 1.0, labels=torch.tensor([0, 2, 5], device=w.device)),
     "mhs": lambda w: mhs(w),
     "mgd": lambda w: mgd(w),
     "r_mhp raw": lambda w: r_mhp(w),
     "r_mhp normalized": lambda w: r_mhp(w, normalize=True),
-    "mhp": lambda w: mhp(w, torch.ones(1, 12, dtype=w.dtype)),
-    "mhc": lambda w: mhc(w, torch.ones(2, 12, dtype=w.dtype)),
+    "mhp": lambda w: mhp(w, torch.ones(1, 12, dtype=w.dtype, device=w.device)),
+    "mhc": lambda w: mhc(w, torch.ones(2, 12, dtype=w.dtype, device=w.device)),
 }
 
 
@@ -319,9 +349,32 @@ DEGENERATE = {"mhs": 1e-10, "mgd": 1e-10}
 def test_regularizer_at_scale(name, scale):
     w = _x((7, 3, 2, 2), scale)
     if scale <= DEGENERATE.get(name, -1.0):
-        w32 = w.float().requires_grad_(True)
+        w32 = w.float().to(DEVICE).requires_grad_(True)
         value = REGULARIZERS[name](w32)
         value.backward()
         assert bool(torch.isfinite(value)) and bool(torch.isfinite(w32.grad).all())
         return
     _check_fn(lambda w: REGULARIZERS[name](w), {"w": w})
+
+
+# --- float64 stays exact ------------------------------------------------------------------------------------------
+
+def test_float64_results_are_the_plain_formula_bitwise():
+    """The scaled norms change nothing in float64: head logits, sphere_linear and SphereNorm's patch norm are bitwise
+    those of the plain sqrt(sum x^2 + eps) formulas."""
+    x = 3.0 * torch.randn(6, 16, dtype=torch.float64)
+    x[1] = 0.0
+    labels = torch.tensor([0, 3, 1, -1, 4, 2])
+    head = AngularHead(16, 5, margin=2.0, lambda_=1.0, dtype=torch.float64)
+    w = head.weight.detach()
+    x_norm = torch.sqrt(x.square().sum(1, keepdim=True) + head.eps)
+    cos = F.linear(x, w) / torch.sqrt(w.square().sum(1) + head.eps) / x_norm
+    plain = angular_margin_logits(cos, labels, margin=2.0, scale=x_norm, lambda_=1.0)
+    assert torch.equal(head(x, labels).detach(), plain)
+    lin = sphere_linear(x, w, operator="cosine", eps=EPS, impl="reference")
+    assert torch.equal(lin, F.linear(x, w) / torch.sqrt(x.square().sum(1, keepdim=True) + EPS)
+                       / torch.sqrt(w.square().sum(1) + EPS))
+    xc = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for groups in (1, 2):
+        plain_norm = torch.sqrt(patch_norm_sq(xc, (3, 3), 1, 1, 1, groups) + EPS)
+        assert torch.equal(patch_norm_safe(xc, (3, 3), 1, 1, 1, groups, EPS), plain_norm)

@@ -31,7 +31,8 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
         operator: ``"linear"``, ``"cosine"``, ``"sigmoid"`` or ``"learnable_sigmoid"``.
         sigmoid_k: k of the sigmoid operators (a number, or an (out_features,) tensor of effective k).
         eps: added to both squared norms before the square root. Both norms are overflow-safe
-            (:mod:`torchsphere.functional.norms`): float32 inputs of magnitude 0 to 1e30 (tested) give the float64 result.
+            (:mod:`torchsphere.functional.norms`): float32 inputs of magnitude 0 to 1e30 (tested) give the float64
+            result.
         impl: ``"fused"`` (default: the filter norm folded into the weight, one analytic-backward autograd node; no
             double backward) or ``"reference"`` (the plain eager composition; supports double backward).
         memory_efficient: save the output instead of the normalized product (as :func:`~.conv.sphere_conv1d`).

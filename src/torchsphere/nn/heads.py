@@ -52,9 +52,10 @@ class AngularHead(_SphereMixin, nn.Module):
     Norms, cosines, acos and margins are computed in float32 (float64 stays float64) with autocast disabled, and the
     logits are returned in that dtype. The norms are overflow-safe (:func:`torchsphere.functional.norms.safe_norm`:
     a plain ``x.square().sum()`` overflows float32 for features of magnitude ~1e19), so logits and gradients stay
-    finite and match float64 for feature magnitudes from 0 to 1e30 (tested) and beyond. ``lambda_`` (A-Softmax annealing) is set explicitly by the training loop,
-    typically from a :class:`LambdaSchedule`; there is no hidden step counter. It lives in a non-persistent buffer, so
-    changing it neither enters the ``state_dict`` nor retriggers ``torch.compile``.
+    finite and match float64 for feature magnitudes from 0 to 1e30 (tested). ``lambda_`` (A-Softmax annealing) is set
+    explicitly by the training loop, typically from a :class:`LambdaSchedule`; there is no hidden step counter. It
+    lives in a non-persistent buffer, so changing it neither enters the ``state_dict`` nor retriggers
+    ``torch.compile``.
 
     Args:
         in_features: feature size D.

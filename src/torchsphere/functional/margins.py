@@ -26,7 +26,9 @@ g~ is g extended to angles beyond pi so that psi stays monotonically decreasing 
   saturates towards -coth(pi / (4k)) for large phi, so psi stays bounded, unlike the cosine extension).
 
 Numerical hazards, named: theta = ``safe_acos(cos)`` (clamped, finite gradient at cos = +-1); everything runs in
-float32 or wider with autocast disabled (an fp32 island); the exp sum is left to ``F.cross_entropy``. The "detached
+float32 or wider with autocast disabled (an fp32 island); the exp sum is left to ``F.cross_entropy``; the cosines
+and a feature-norm scale s = ||x|| should come from overflow-safe norms (:mod:`torchsphere.functional.norms`, as
+:class:`~torchsphere.nn.AngularHead` computes them): the margins themselves only multiply by s, finite up to 3e38. The "detached
 margin" (ydwen/opensphere) adds the margin as a constant,
 logit_y = s g(theta_y) + stopgrad(margin logit - s g(theta_y)): the forward value is the margin logit, the gradient is
 that of the unmargined logit (no acos, no cos(m theta) slope), the scale s included.

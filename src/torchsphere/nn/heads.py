@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional._checks import check_positive, check_tensor
-from ..functional.conv import filter_norm, tail_dtype
+from ..functional.conv import tail_dtype
 from ..functional.margins import IGNORE_INDEX, angular_margin_logits, check_margin, check_nonnegative
+from ..functional.norms import filter_norm_safe, safe_norm
 from .sphere_conv import _SphereMixin
 
 
@@ -49,9 +50,12 @@ class AngularHead(_SphereMixin, nn.Module):
       :meth:`sphereface`, :meth:`arcface`, :meth:`cosface`).
 
     Norms, cosines, acos and margins are computed in float32 (float64 stays float64) with autocast disabled, and the
-    logits are returned in that dtype. ``lambda_`` (A-Softmax annealing) is set explicitly by the training loop,
-    typically from a :class:`LambdaSchedule`; there is no hidden step counter. It lives in a non-persistent buffer, so
-    changing it neither enters the ``state_dict`` nor retriggers ``torch.compile``.
+    logits are returned in that dtype. The norms are overflow-safe (:func:`torchsphere.functional.norms.safe_norm`:
+    a plain ``x.square().sum()`` overflows float32 for features of magnitude ~1e19), so logits and gradients stay
+    finite and match float64 for feature magnitudes from 0 to 1e30 (tested). ``lambda_`` (A-Softmax annealing) is set
+    explicitly by the training loop, typically from a :class:`LambdaSchedule`; there is no hidden step counter. It
+    lives in a non-persistent buffer, so changing it neither enters the ``state_dict`` nor retriggers
+    ``torch.compile``.
 
     Args:
         in_features: feature size D.
@@ -136,8 +140,8 @@ class AngularHead(_SphereMixin, nn.Module):
         """cos theta_j and sqrt(||x||^2 + eps) in the tail dtype: (N, C) and (N, 1). Call with autocast disabled."""
         dtype = tail_dtype(torch.promote_types(x.dtype, self.weight.dtype))
         x, w = x.to(dtype), self.weight.to(dtype)
-        x_norm = torch.sqrt(x.square().sum(1, keepdim=True) + self.eps)  # (N, 1)
-        return F.linear(x, w) / filter_norm(w, self.eps) / x_norm, x_norm  # (N, C), (N, 1)
+        x_norm = safe_norm(x, 1, self.eps, keepdim=True)  # (N, 1), no overflow of x^2 (functional.norms)
+        return F.linear(x, w) / filter_norm_safe(w, self.eps) / x_norm, x_norm  # (N, C), (N, 1)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # (N, D), (N,) -> (N, C)
         check_tensor("x", x)

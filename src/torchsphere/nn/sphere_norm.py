@@ -22,8 +22,11 @@ parameterization below is torchsphere's own design. For each output channel c:
   (1 included) give identical results.
 
 Under autocast the main convolution runs in the autocast dtype; norms, cosines, the operator and the rescaling run in
-float32 (an fp32 island). The layers subclass :class:`~torchsphere.nn.SphereConv2d` (and 1d/3d), so they keep the
-``weight``/``bias`` names of ``nn.Conv2d`` and load its state_dict (reporting ``gamma``, ``beta``, ``rho`` missing).
+float32 (an fp32 island). The norms are overflow-safe (:mod:`torchsphere.functional.norms`; a plain squared patch norm
+overflows float32 for inputs of magnitude ~1e19): each location's channel sum is scaled by a power of two and the
+window sum runs in float64 on the channel-reduced tensor, so float32 outputs match float64 from 0 to 1e30 (tested).
+The layers subclass :class:`~torchsphere.nn.SphereConv2d` (and 1d/3d), so they keep the ``weight``/``bias`` names of
+``nn.Conv2d`` and load its state_dict (reporting ``gamma``, ``beta``, ``rho`` missing).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional.conv import _check_conv_args, filter_norm, patch_norm_sq, tail_dtype
+from ..functional.conv import _check_conv_args, tail_dtype
+from ..functional.norms import filter_norm_safe, patch_norm_safe
 from ..functional.operators import angular_activation
 from .sphere_conv import SphereConv1d, SphereConv2d, SphereConv3d
 
@@ -48,11 +52,11 @@ def _sphere_norm(input: Tensor, weight: Tensor, bias: Tensor | None, stride, pad
     with torch.autocast(device_type=input.device.type, enabled=False):
         dtype = tail_dtype(conv.dtype)
         x, w = input.to(dtype), weight.to(dtype)
-        x_norm = torch.sqrt(patch_norm_sq(x, tuple(weight.shape[2:]), stride, padding, dilation, groups) + eps)
+        x_norm = patch_norm_safe(x, tuple(weight.shape[2:]), stride, padding, dilation, groups, eps)  # (N, G, *out)
         if groups > 1:  # (N, G, *out) -> (N, C_out, *out): each group's norm serves its C_out / G channels
             x_norm = x_norm.repeat_interleave(weight.shape[0] // groups, dim=1)
         channel = (1, -1, *([1] * nd))
-        magnitude = filter_norm(w, eps).reshape(channel) * x_norm  # (N, C_out or 1, *out) = ||w|| ||x_patch||
+        magnitude = filter_norm_safe(w, eps).reshape(channel) * x_norm  # (N, C_out or 1, *out) = ||w|| ||x_patch||
         out = angular_activation(conv.to(dtype) / magnitude, operator, sigmoid_k, dim=1)  # g(theta)
         if rho is not None:
             out = out * magnitude.pow(rho.to(dtype).clamp(0.0, 1.0).reshape(channel))

@@ -27,8 +27,10 @@ Numerical hazards, handled here: the diagonal is overwritten with a safe value *
 contribution removed (no inf * 0, so no NaN gradient; the official code adds the identity to 2 - 2C for the same
 reason); the squared distance is floored at ``DIST_SQ_FLOOR`` (1e-6, i.e. angles below ~1e-3 rad) and angles come
 from ``safe_acos``, so two identical neurons give a finite value and a finite gradient (the official code relies on
-eps alone, which fp32 rounding defeats for large-norm neurons); everything runs in float32 at least, with autocast
-disabled (near-parallel neurons cancel catastrophically in fp16/bf16).
+eps alone, which fp32 rounding defeats for large-norm neurons); the row norms are overflow-safe
+(:func:`torchsphere.functional.norms.safe_normalize`: ``w.square().sum()`` would overflow float32 for entries of
+~1e19); everything runs in float32 at least, with autocast disabled (near-parallel neurons cancel catastrophically in
+fp16/bf16).
 
 Large N (e.g. 10,000 classes x 512): the pair sum runs over square blocks of at most ``chunk_size`` rows, only the
 upper-triangular blocks are computed (half the matmul work), and each block is wrapped in activation checkpointing so
@@ -47,6 +49,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..functional._checks import check_positive, check_tensor
+from ..functional.norms import safe_normalize
 from ..functional.operators import safe_acos
 
 ANGLE_OFFSET = 1e-4  # official A-MHE offset added to theta / pi
@@ -88,8 +91,8 @@ def neurons(weight: object, name: str = "weight") -> Tensor:
 
 
 def normalize_rows(w: Tensor, eps: float) -> Tensor:
-    """w_i / sqrt(||w_i||^2 + eps): the official eps-regularized normalization, rows of (N, d)."""
-    return w * torch.rsqrt(w.square().sum(1, keepdim=True) + eps)
+    """w_i / sqrt(||w_i||^2 + eps): the official eps-regularized normalization, rows of (N, d), overflow-safe."""
+    return safe_normalize(w, 1, eps)
 
 
 def pair_kernel(s: float, angular: bool = False, paper_kernel: bool = False) -> Kernel:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..functional._checks import check_positive, check_tensor
+from ..functional.norms import safe_norm
 from .energy import DIST_SQ_FLOOR, check_chunk_size, neurons, normalize_rows, strict_upper
 
 POLE_STEPS = 10  # official inner pole steps per network step
@@ -164,7 +165,7 @@ def r_mhp(weight: Tensor, *, normalize: bool = False, eps: float = 1e-4) -> Tens
     with torch.autocast(device_type=w.device.type, enabled=False):
         if normalize:
             w = normalize_rows(w, eps)
-        return torch.linalg.vector_norm(w.sum(0))
+        return safe_norm(w.sum(0), 0)  # ||sum_i w_i||, no overflow of the squares
 
 
 def _check_pole(pole: object, w: Tensor) -> Tensor:

@@ -189,14 +189,11 @@ def test_patch_norm_handles_mixed_magnitudes_in_one_sample():
     assert channel_square_sum_safe(x.float()).dtype == torch.float64
 
 
-# --- SphereConv1d/2d/3d (the fused path is rewritten separately; its patch norm still overflows) -------------------
+# --- SphereConv1d/2d/3d: the fused one-node path and the reference composition ------------------------------------
 
 CONV_FN = {1: sphere_conv1d, 2: sphere_conv2d, 3: sphere_conv3d}
 SPATIAL = {1: (9,), 2: (5, 5), 3: (4, 4, 4)}
-CONV_XFAIL = pytest.mark.xfail(strict=True, reason="SphereConv patch-norm overflow: fixed in the fused-path rewrite")
 CONV_VARIANTS = (("fused", False), ("fused", True), ("reference", False))
-# the (impl, scale) cases whose patch norm overflows float32 today: drop an impl here once its patch norm is safe
-CONV_XFAIL_IMPLS = ("fused", "reference")
 
 
 def _g_floors(out_shape: tuple[int, ...], channel_dim: int) -> dict[str, float]:
@@ -208,8 +205,7 @@ def _g_floors(out_shape: tuple[int, ...], channel_dim: int) -> dict[str, float]:
 
 
 def _conv_cases() -> list:
-    return [pytest.param(impl, me, s, marks=CONV_XFAIL if s >= 1e20 and impl in CONV_XFAIL_IMPLS else (),
-                         id=f"{impl}-{me}-{s}") for impl, me in CONV_VARIANTS for s in SCALES]
+    return [pytest.param(impl, me, s, id=f"{impl}-{me}-{s}") for impl, me in CONV_VARIANTS for s in SCALES]
 
 
 @pytest.mark.parametrize("impl,memory_efficient,scale", _conv_cases())

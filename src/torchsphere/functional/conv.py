@@ -22,6 +22,7 @@ from torch import Tensor
 from ._checks import check_operator, check_positive, check_sigmoid_k, check_tensor
 from .fused import SphereTail, check_memory_efficient, patch_rnorm, sigmoid_k_for, tail_save
 from .fused_conv import sphere_conv_fn
+from .norms import filter_norm_safe, patch_norm_safe
 from .operators import DEFAULT_SIGMOID_K, _broadcast_k, angular_activation
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -85,8 +86,9 @@ def sphere_cosine(conv: Tensor, input: Tensor, weight: Tensor, stride=1, padding
     nd = weight.dim() - 2
     dtype = tail_dtype(conv.dtype)
     x, w = input.to(dtype), weight.to(dtype)
-    x_norm = torch.sqrt(patch_norm_sq(x, tuple(weight.shape[2:]), stride, padding, dilation, groups) + eps)
-    w_norm = filter_norm(w, eps).reshape(1, -1, *([1] * nd))  # (1, C_out, 1, ...)
+    # overflow-safe (torchsphere.functional.norms): the plain formula for float64, scaled sums below
+    x_norm = patch_norm_safe(x, tuple(weight.shape[2:]), stride, padding, dilation, groups, eps)
+    w_norm = filter_norm_safe(w, eps).reshape(1, -1, *([1] * nd))  # (1, C_out, 1, ...)
     cos = conv.to(dtype) / w_norm
     if groups == 1:
         return cos / x_norm  # (N, C_out, *out) / (N, 1, *out)

@@ -75,6 +75,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_bool, check_choice, check_sigmoid_k
 from .fast_math import asin_poly, cos_half_pi, sin_half_pi
+from .norms import channel_square_sum_safe
 from .operators import ACOS_EPS, DEFAULT_SIGMOID_K
 
 IMPLS: tuple[str, ...] = ("fused", "reference")
@@ -149,7 +150,10 @@ def patch_rnorm(input: Tensor, kernel: tuple[int, ...], stride, padding, dilatio
     ``conv.patch_norm_sq`` computes it.
     """
     nd = len(kernel)
-    sq = ChannelSquareSum.apply(input, groups)  # (N, G, *spatial)
+    if input.dtype == torch.float64:
+        sq = ChannelSquareSum.apply(input, groups)  # (N, G, *spatial)
+    else:  # scaled per location, summed in float64: no overflow (torchsphere.functional.norms)
+        sq = channel_square_sum_safe(input, groups)
     pad = _box_padding(padding, kernel, dilation)
     if pad is None:
         ones = torch.ones((groups, 1, *kernel), dtype=sq.dtype, device=sq.device)
@@ -158,7 +162,7 @@ def patch_rnorm(input: Tensor, kernel: tuple[int, ...], stride, padding, dilatio
         total = F.avg_pool1d(sq, kernel, stride, pad, False, True) * kernel[0]
     else:
         total = (F.avg_pool2d, F.avg_pool3d)[nd - 2](sq, kernel, stride, pad, False, True, 1)
-    return torch.rsqrt(total + eps)
+    return torch.rsqrt(total + eps).to(input.dtype)
 
 
 def _tanh(x: float | Tensor) -> float | Tensor:

@@ -57,18 +57,25 @@ class _ScaledNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, eps: float, reciprocal: bool) -> Tensor:
+    def forward(x: Tensor, dim: int, eps: float, reciprocal: bool) -> tuple[Tensor, Tensor]:
         m = pow2_scale(x.abs().amax(dim, keepdim=True), math.sqrt(eps))
         inv = 1.0 / m  # exact: m is a power of two
         total = (x * inv).square_().sum(dim, keepdim=True) + (eps * inv) * inv  # sum (x / m)^2 + eps / m^2
         out = inv * torch.rsqrt(total) if reciprocal else m * torch.sqrt(total)
-        ctx.save_for_backward(x, out, m, inv)
-        ctx.reciprocal = reciprocal
-        return out
+        return out, m
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, out, m, inv = ctx.saved_tensors
+    def setup_context(ctx, inputs, output) -> None:  # the setup_context form: torch.func transforms work
+        x, _, _, reciprocal = inputs
+        out, m = output
+        ctx.mark_non_differentiable(m)
+        ctx.save_for_backward(x, out, m)
+        ctx.reciprocal = reciprocal
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_m: Tensor | None = None):
+        x, out, m = ctx.saved_tensors
+        inv = 1.0 / m
         if ctx.reciprocal:  # -(x / m) * (g / m^2) * (r m)^3
             factor = -((grad * inv) * inv) * (out * m).pow(3)
         else:  # (x / m) * g / (n / m)
@@ -97,7 +104,7 @@ def safe_norm(x: Tensor, dim: int = -1, eps: float = 0.0, keepdim: bool = False)
         m = pow2_scale(x.abs().amax(dim, keepdim=True))
         norm = m * torch.linalg.vector_norm(x * (1.0 / m), dim=dim, keepdim=True)
     else:
-        norm = _ScaledNorm.apply(x, dim, float(eps), False)
+        norm = _ScaledNorm.apply(x, dim, float(eps), False)[0]
     return norm if keepdim else norm.squeeze(dim)
 
 
@@ -105,7 +112,7 @@ def safe_rnorm(x: Tensor, dim: int = -1, eps: float = 1e-4, keepdim: bool = Fals
     """1 / sqrt(sum_dim x^2 + eps) (eps > 0), overflow- and underflow-safe; arguments as :func:`safe_norm`."""
     if not eps > 0:
         raise ValueError(f"eps must be > 0; got {eps!r}")
-    r = _ScaledNorm.apply(x, dim, float(eps), True)
+    r = _ScaledNorm.apply(x, dim, float(eps), True)[0]
     return r if keepdim else r.squeeze(dim)
 
 
@@ -126,18 +133,23 @@ class _ChannelSquareSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, grouped: Tensor) -> Tensor:  # (N, G, C/G, *spatial) -> (N, G, *spatial) float64
+    def forward(grouped: Tensor) -> tuple[Tensor, Tensor]:  # (N, G, C/G, *spatial) -> (N, G, *spatial) float64
         p = pow2_scale(grouped.abs().amax(2, keepdim=True))  # (N, G, 1, *spatial)
-        inv = 1.0 / p
-        q = (grouped * inv).square_().sum(2)  # at most 4 C / G: no overflow
-        ctx.save_for_backward(grouped, p, inv)
-        return q.to(torch.float64) * p.squeeze(2).to(torch.float64).square()
+        q = (grouped * (1.0 / p)).square_().sum(2)  # at most 4 C / G: no overflow
+        return q.to(torch.float64) * p.squeeze(2).to(torch.float64).square(), p
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        grouped, p, inv = ctx.saved_tensors
+    def setup_context(ctx, inputs, output) -> None:  # the setup_context form: torch.func transforms work
+        (grouped,) = inputs
+        _, p = output
+        ctx.mark_non_differentiable(p)
+        ctx.save_for_backward(grouped, p)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_p: Tensor | None = None):
+        grouped, p = ctx.saved_tensors
         gp = (2.0 * grad * p.squeeze(2).to(grad.dtype)).to(grouped.dtype).unsqueeze(2)  # 2 g p: in float range
-        scaled = grouped * inv
+        scaled = grouped * (1.0 / p)
         return scaled * gp if torch.is_grad_enabled() else scaled.mul_(gp)
 
 
@@ -152,7 +164,7 @@ def channel_square_sum_safe(input: Tensor, groups: int = 1) -> Tensor:
     grouped = input.reshape(n, groups, c // groups, *input.shape[2:])  # (N, G, C/G, *spatial)
     if input.dtype == torch.float64:
         return grouped.square().sum(2)
-    return _ChannelSquareSum.apply(grouped)
+    return _ChannelSquareSum.apply(grouped)[0]
 
 
 def patch_norm_safe(input: Tensor, kernel_size: tuple[int, ...], stride=1, padding=0, dilation=1, groups: int = 1,

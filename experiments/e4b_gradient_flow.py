@@ -233,7 +233,8 @@ def plot_gradients(diag: dict[str, dict[str, Any]], path: Path) -> None:
             ax.set_xlabel("conv layer index (0 = input side)")
             if col == 0:
                 ax.set_ylabel("||dL/dW|| (Frobenius)")
-            ax.legend(fontsize=7)
+            if ax.get_lines():
+                ax.legend(fontsize=7)
     fig.suptitle("E4b: weight-gradient norm per conv layer, Fashion-MNIST, widths / 4, batch 128 (seed 0)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,8 @@ def plot_effective_lr(diag: dict[str, dict[str, Any]], path: Path) -> None:
         axes[0][col].set_yscale("log")
         axes[1][col].set_xlabel("step")
         for r in (0, 1):
-            axes[r][col].legend(fontsize=7)
+            if axes[r][col].get_lines():
+                axes[r][col].legend(fontsize=7)
     axes[0][0].set_ylabel("median ||w_t+1 - w_t|| / ||w_t||")
     axes[1][0].set_ylabel("median ||w_t|| / ||w_0||")
     fig.suptitle("E4b: effective learning rate and filter-norm growth of the hidden conv layers (Adam 1e-3, seed 0)")

@@ -152,6 +152,12 @@ def section_e3(exp: Loaded, images: Path) -> list[str]:
                  for b in batches if b in grid["spherenorm"] and b in grid["bn"]]
         out += ["SphereNorm minus BatchNorm, final test accuracy in points (verdict rule as in E1): "
                 + "; ".join(diffs) + ".", ""]
+    if "gn" in grid and "spherenorm" in grid:  # GroupNorm: the usual small-batch alternative to BatchNorm
+        diffs = [f"batch {b}: {100 * (final_acc(grid['spherenorm'][b])[0] - final_acc(grid['gn'][b])[0]):+.2f} "
+                 f"({verdict(grid['spherenorm'][b], grid['gn'][b])})"
+                 for b in batches if b in grid["spherenorm"] and b in grid["gn"]]
+        out += ["SphereNorm minus GroupNorm (8 groups), final test accuracy in points (verdict rule as in E1): "
+                + "; ".join(diffs) + ".", ""]
     best = [f"batch {b}: {max(grid, key=lambda n: final_acc(grid[n][b])[0] if b in grid[n] else -1)}"
             for b in batches]
     out += ["Highest mean final accuracy per batch size: " + "; ".join(best) + ".", ""]

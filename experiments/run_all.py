@@ -116,8 +116,13 @@ def configs_of(experiment: Experiment, output: Path, quick: bool, data_dir: str 
     """{configuration name: [TrainConfig per seed]} of an experiment."""
     from torchsphere.train.compare import run_configs
 
-    extra = experiment.quick if quick and experiment.quick else {}
-    return run_configs(load(experiment, quick), output / experiment.name, {**overrides(quick, data_dir), **extra})
+    return run_configs(load(experiment, quick), output / experiment.name, experiment_overrides(experiment, quick,
+                                                                                                data_dir))
+
+
+def experiment_overrides(experiment: Experiment, quick: bool, data_dir: str | None = None) -> dict[str, Any]:
+    """:func:`overrides` plus the experiment's own ``--quick`` overrides."""
+    return {**overrides(quick, data_dir), **(experiment.quick if quick and experiment.quick else {})}
 
 
 def run_state(config) -> str:
@@ -195,7 +200,8 @@ def finish_experiment(experiment: Experiment, output: Path, quick: bool, data_di
     configs = [c for cfgs in configs_of(experiment, output, quick, data_dir).values() for c in cfgs]
     if not all(run_state(c) == "done" for c in configs):
         return False
-    compare(load(experiment, quick), output / experiment.name, overrides(quick, data_dir), quiet=True)
+    compare(load(experiment, quick), output / experiment.name, experiment_overrides(experiment, quick, data_dir),
+            quiet=True)
     if experiment.after is not None:
         experiment.after(output / experiment.name)
     return True

@@ -41,7 +41,7 @@ NAME = "e4b_gradient_flow"
 DEFAULT_OUTPUT = ROOT / "reports" / "experiments"
 DEFAULT_PAGE = ROOT / "docs" / "results" / "e4b_gradient_flow.md"
 COMMAND = ".venv/bin/python experiments/e4b_gradient_flow.py"
-DIAG_STEPS = 30  # 0.5-5 CPU s per step of batch 128 (9-60 layers): about 23 CPU-minutes for the 20 configurations
+DIAG_STEPS = 10  # 0.6-5 CPU s per step of batch 128 (9-60 layers): about 8 CPU-minutes for the 20 configurations
 DIAG_EVERY = 1
 DIAG_DIR = "gradflow"
 CPU_FILE = "train_cpu.json"  # process CPU seconds of the runs trained by this driver
@@ -71,7 +71,9 @@ def diag_folder(output: Path, name: str) -> Path:
 
 
 def diag_state(config, steps: int, every: int) -> str:
-    """``"done"`` when the folder holds a finished measurement of this configuration, step count and stride."""
+    """``"done"`` when the folder holds a finished measurement of this configuration and stride over at least
+    ``steps`` steps (the monitor is deterministic, so the first ``steps`` steps of a longer measurement are the
+    measurement of ``steps`` steps)."""
     from torchsphere.train.config import TrainConfig
     from torchsphere.train.gradflow import GRAD_FLOW_FILE, GRAD_FLOW_INFO
     from torchsphere.train.loop import CONFIG_FILE, RESUME_FREE
@@ -82,7 +84,7 @@ def diag_state(config, steps: int, every: int) -> str:
         return "new"
     info = json.loads((out / GRAD_FLOW_INFO).read_text())
     if config_diff(config, TrainConfig.from_yaml(out / CONFIG_FILE).to_dict(), RESUME_FREE) or \
-            (info.get("steps"), info.get("every")) != (steps, every):
+            info.get("every") != every or info.get("steps", 0) < steps:
         return "stale"
     return "done"
 
@@ -110,8 +112,9 @@ def run_diagnostic(output: Path, steps: int, every: int, overrides: dict[str, An
     return done
 
 
-def load_diagnostic(output: Path) -> dict[str, dict[str, Any]]:
-    """{configuration: {"rows", "info"}} of the finished measurements."""
+def load_diagnostic(output: Path, steps: int = DIAG_STEPS) -> dict[str, dict[str, Any]]:
+    """{configuration: {"rows", "info"}} of the finished measurements, cut to their first ``steps`` steps (the CPU
+    time in ``info`` scaled to them)."""
     from torchsphere.analysis.gradient_flow import read_csv
     from torchsphere.train.gradflow import GRAD_FLOW_FILE, GRAD_FLOW_INFO
 
@@ -119,8 +122,15 @@ def load_diagnostic(output: Path) -> dict[str, dict[str, Any]]:
     root = output / NAME / DIAG_DIR
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if (folder / GRAD_FLOW_INFO).is_file():
-            found[folder.name] = {"rows": read_csv(folder / GRAD_FLOW_FILE),
-                                  "info": json.loads((folder / GRAD_FLOW_INFO).read_text())}
+            info = json.loads((folder / GRAD_FLOW_INFO).read_text())
+            if info["steps"] < steps:
+                continue  # a shorter measurement than asked for: not used (measured again by run_diagnostic)
+            scale = steps / info["steps"]
+            info = {**info, "measured_steps": info["steps"], "measured_cpu_s": info["cpu_s"], "steps": steps,
+                    "cpu_s": info["cpu_s"] * scale,
+                    "wall_s": info["wall_s"] * scale}
+            found[folder.name] = {"rows": [r for r in read_csv(folder / GRAD_FLOW_FILE) if r["step"] < steps],
+                                  "info": info}
     return found
 
 
@@ -284,11 +294,11 @@ def _pct(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
-def page(output: Path, page_path: Path, overrides: dict[str, Any]) -> str:
+def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = DIAG_STEPS) -> str:
     from torchsphere.train.metrics import SUMMARY_FILE, read_summary
     from torchsphere.train.report import markdown_table
 
-    diag = load_diagnostic(output)
+    diag = load_diagnostic(output, steps)
     state = training_state(output, overrides)
     names = list(state)
     images = page_path.parent
@@ -305,12 +315,17 @@ def page(output: Path, page_path: Path, overrides: dict[str, Any]) -> str:
         steps = {d["info"]["steps"] for d in diag.values()}
         cpu = sum(d["info"]["cpu_s"] for d in diag.values())
         wall = sum(d["info"]["wall_s"] for d in diag.values())
+        spent = sum(d["info"]["measured_cpu_s"] for d in diag.values())
+        longer = sorted(n for n, d in diag.items() if d["info"]["measured_steps"] > d["info"]["steps"])
         lines += ["### (a) Gradient flow over the first steps", "",
                   f"Each configuration's training run (seed 0) for its first {'/'.join(map(str, sorted(steps)))} "
                   f"steps, every step recorded: the same data, initial weights, batches, Adam 1e-3 and augmentation "
                   f"as the training runs of part (b) (the monitor changes nothing: bit-identical losses, tested). "
-                  f"{len(diag)} of {len(names)} configurations measured; cost {cpu / 60:.1f} CPU-min "
-                  f"({wall / 60:.1f} min wall) at 1 thread on {hardware}.", "",
+                  f"{len(diag)} of {len(names)} configurations measured; these steps cost {cpu / 60:.1f} CPU-min "
+                  f"({wall / 60:.1f} min wall) at 1 thread on {hardware}"
+                  + (f"; {spent / 60:.1f} CPU-min were spent in all, {', '.join(longer)} having been measured over "
+                     f"{max(diag[n]['info']['measured_steps'] for n in longer)} steps (the first "
+                     f"{min(steps)} are shown)" if longer else "") + ".", "",
                   "Columns: the weight-gradient norm ||dL/dW|| of the first and the last hidden conv layer at "
                   "initialization (step 0), their ratio first / last (< 0.1: *vanishing toward the input*, > 10: "
                   "*exploding toward the input*), the spread log10(max / min) of the gradient norms over the N hidden "
@@ -440,10 +455,11 @@ def _machine() -> str:
     return run_all.machine()
 
 
-def write_page(output: Path, page_path: Path, overrides: dict[str, Any] | None = None) -> Path:
+def write_page(output: Path, page_path: Path, overrides: dict[str, Any] | None = None,
+               steps: int = DIAG_STEPS) -> Path:
     from torchsphere.train.checkpoint import atomic_write_text
 
-    text = page(output, page_path, overrides or {})
+    text = page(output, page_path, overrides or {}, steps)
     page_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(page_path, text)
     return page_path
@@ -489,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = configs if args.train == "all" else [n for n in args.train.split(",") if n]
                 seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
                 train_subset(args.output, chosen, seeds, overrides)
-        path = write_page(args.output, args.page, overrides)
+        path = write_page(args.output, args.page, overrides, args.diag_steps)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     print(f"wrote {path}")

@@ -313,7 +313,7 @@ def test_e4b_driver_smoke(tmp_path):
     import e4b_gradient_flow as e4b
 
     page = tmp_path / "docs" / "e4b.md"
-    argv = ["--output", str(tmp_path / "out"), "--page", str(page), "--diag-steps", "2", "--diag-only",
+    argv = ["--output", str(tmp_path / "out"), "--page", str(page), "--diag-steps", "3", "--diag-only",
             "cnn9-none,spherenet9-none", "--train", "cnn9-none,spherenet9-none", "--seeds", "0",
             *[a for kv in ("dataset=synthetic", "width_mult=0.03125", "batch_size=8", "steps=4", "eval_every=2",
                            "limit_train=null") for a in ("--set", kv)]]
@@ -327,5 +327,8 @@ def test_e4b_driver_smoke(tmp_path):
     assert e4b.run_diagnostic(tmp_path / "out", 2, 1, {"dataset": "synthetic", "width_mult": 0.03125,
                                                         "batch_size": 8, "steps": 4, "eval_every": 2,
                                                         "limit_train": None},
-                              ["cnn9-none"], log=lambda *a, **k: logs.append(a[0])) == 0
+                              ["cnn9-none"], log=lambda *a, **k: logs.append(a[0])) == 0  # 3 steps contain 2
+    diag = e4b.load_diagnostic(tmp_path / "out", 2)
+    assert sorted({r["step"] for r in diag["cnn9-none"]["rows"]}) == [0, 1]
+    assert diag["cnn9-none"]["info"]["measured_steps"] == 3 and not logs
     assert e4b.main(argv) == 0 and "Kept." in page.read_text()

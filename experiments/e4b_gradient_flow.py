@@ -328,27 +328,30 @@ def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = 
                      f"{min(steps)} are shown)" if longer else "") + ".", "",
                   "Columns: the weight-gradient norm ||dL/dW|| of the first and the last hidden conv layer at "
                   "initialization (step 0), their ratio first / last (< 0.1: *vanishing toward the input*, > 10: "
-                  "*exploding toward the input*), the spread log10(max / min) of the gradient norms over the N hidden "
+                  "*exploding toward the input*) and the same ratio at the last step measured, the spread "
+                  "log10(max / min) of the gradient norms over the N hidden "
                   "conv layers, the per-example activation RMS of the first and the last conv output, the median "
                   "effective lr ||w_t+1 - w_t|| / ||w_t|| of the conv filters at step 0 and at the last step "
                   "measured, the median filter-norm growth ||w_t|| / ||w_0|| there, and the training loss at both "
                   "steps.", ""]
-        rows = [["configuration", "grad first", "grad last", "first/last", "spread (decades)", "act RMS first → last",
+        rows = [["configuration", "grad first", "grad last", "first/last", "first/last at last step", "spread (decades)",
+                 "act RMS first → last",
                  "eff. lr step 0 → last", "‖w‖ growth", "loss step 0 → last"]]
         verdict_lines = []
         for name in names:
             if name not in diag:
-                rows.append([name] + ["not measured"] + [""] * 7)
+                rows.append([name] + ["not measured"] + [""] * 8)
                 continue
             d = diag[name]["rows"]
             last = max(r["step"] for r in d)
             p0, pl = profile(d, 0), profile(d, last)
-            rows.append([name, f"{p0['first']:.3g}", f"{p0['last']:.3g}", f"{p0['ratio']:.3g}", f"{p0['spread']:.2f}",
+            rows.append([name, f"{p0['first']:.3g}", f"{p0['last']:.3g}", f"{p0['ratio']:.3g}", f"{pl['ratio']:.3g}",
+                         f"{p0['spread']:.2f}",
                          f"{p0['act_first']:.3g} → {p0['act_last']:.3g}", f"{p0['eff_lr']:.2e} → {pl['eff_lr']:.2e}",
                          f"{weight_growth(d, last):.3f}", f"{p0['loss']:.3f} → {pl['loss']:.3f}"])
         lines += [markdown_table(rows), ""]
         lines += ["Rule: per depth and norm, the family whose first/last ratio is nearer 1 (|log10| smaller) has the "
-                  "flatter gradient profile at initialization; \"vanishing\" / \"exploding\" as defined above. One "
+                  "flatter gradient profile (at step 0 and at the last step measured); \"vanishing\" / \"exploding\" as defined above. One "
                   "seed: these are measurements of one initialization, not a distribution.", ""]
         for norm in ("bn", "none"):
             for depth in sorted({split_name(n)[1] for n in names}):
@@ -356,9 +359,13 @@ def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = 
                 if cnn in diag and sph in diag:
                     rc, rs = profile(diag[cnn]["rows"], 0)["ratio"], profile(diag[sph]["rows"], 0)["ratio"]
                     flatter = ("SphereNet" if abs(math.log10(rs)) < abs(math.log10(rc)) else "CNN")
-                    verdict_lines.append(f"- N = {depth}, {'BN' if norm == 'bn' else 'no norm'}: CNN {rc:.3g} "
-                                         f"({flow_word(rc)}), SphereNet {rs:.3g} ({flow_word(rs)}); flatter: "
-                                         f"{flatter}.")
+                    lc = profile(diag[cnn]["rows"], max(r["step"] for r in diag[cnn]["rows"]))["ratio"]
+                    ls = profile(diag[sph]["rows"], max(r["step"] for r in diag[sph]["rows"]))["ratio"]
+                    later = ("SphereNet" if abs(math.log10(ls)) < abs(math.log10(lc)) else "CNN")
+                    verdict_lines.append(f"- N = {depth}, {'BN' if norm == 'bn' else 'no norm'}: at step 0 CNN "
+                                         f"{rc:.3g} ({flow_word(rc)}), SphereNet {rs:.3g} ({flow_word(rs)}), "
+                                         f"flatter: {flatter}; at the last step CNN {lc:.3g} ({flow_word(lc)}), "
+                                         f"SphereNet {ls:.3g} ({flow_word(ls)}), flatter: {later}.")
         lines += verdict_lines + [""]
         plot_gradients(diag, images / "e4b_gradient_flow.png")
         plot_effective_lr(diag, images / "e4b_effective_lr.png")

@@ -71,7 +71,7 @@ def activation_rms(output: Tensor) -> float:
         A Python float computed in float64 (NaN for an empty batch).
     """
     if output.dim() == 0:
-        raise ValueError(f"activation_rms needs a batched output (N, ...); got a 0-d tensor")
+        raise ValueError("activation_rms needs a batched output (N, ...); got a 0-d tensor")
     flat = output.detach().reshape(output.shape[0], -1).to(torch.float64)
     if flat.shape[0] == 0 or flat.shape[1] == 0:
         return math.nan

@@ -152,6 +152,12 @@ def section_e3(exp: Loaded, images: Path) -> list[str]:
                  for b in batches if b in grid["spherenorm"] and b in grid["bn"]]
         out += ["SphereNorm minus BatchNorm, final test accuracy in points (verdict rule as in E1): "
                 + "; ".join(diffs) + ".", ""]
+    if "gn" in grid and "spherenorm" in grid:  # GroupNorm: the usual small-batch alternative to BatchNorm
+        diffs = [f"batch {b}: {100 * (final_acc(grid['spherenorm'][b])[0] - final_acc(grid['gn'][b])[0]):+.2f} "
+                 f"({verdict(grid['spherenorm'][b], grid['gn'][b])})"
+                 for b in batches if b in grid["spherenorm"] and b in grid["gn"]]
+        out += ["SphereNorm minus GroupNorm (8 groups), final test accuracy in points (verdict rule as in E1): "
+                + "; ".join(diffs) + ".", ""]
     best = [f"batch {b}: {max(grid, key=lambda n: final_acc(grid[n][b])[0] if b in grid[n] else -1)}"
             for b in batches]
     out += ["Highest mean final accuracy per batch size: " + "; ".join(best) + ".", ""]
@@ -161,7 +167,7 @@ def section_e3(exp: Loaded, images: Path) -> list[str]:
     return out
 
 
-def section_e4(exp: Loaded, images: Path) -> list[str]:
+def section_e4(exp: Loaded, images: Path, label: str = "E4") -> list[str]:
     lines: dict[str, list[tuple[int, ConfigResult]]] = {}
     depths: set[int] = set()
     for entry in exp.spec.runs:
@@ -185,9 +191,9 @@ def section_e4(exp: Loaded, images: Path) -> list[str]:
     for key, points in lines.items():
         trained = [d for d, r in points if all(s["final"]["test_acc"] >= TRAINS_AT for s in r.summaries)]
         out.append(f"- {key}: every seed trains at N = {', '.join(map(str, trained)) or 'none'}.")
-    image = plot_lines(images / "e4_deep_plain.png", "E4: final test accuracy vs depth", "conv layers N",
-                       {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items()}, logx=False)
-    out += ["", f"![E4]({image})"]
+    image = plot_lines(images / f"{label.lower()}_deep_plain.png", f"{label}: final test accuracy vs depth",
+                       "conv layers N", {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items()}, logx=False)
+    out += ["", f"![{label}]({image})"]
     return out
 
 
@@ -228,6 +234,7 @@ TWINS = {  # experiment -> function(config name) -> name of its CNN twin (same s
     "e1_operators_heads": lambda n: None if n.startswith("cnn") else ("cnn9-wsoftmax" if n.endswith("wsoftmax")
                                                                        else "cnn9"),
     "e4_deep_plain": lambda n: n.replace("spherenet", "cnn") if n.startswith("spherenet") else None,
+    "e4b_gradient_flow": lambda n: n.replace("spherenet", "cnn") if n.startswith("spherenet") else None,
     "e5_regularizers": lambda n: n.replace("sphere-", "cnn9-", 1) if n.startswith("sphere-") else None,
     "e6_feature_geometry": lambda n: "cnn9-2d" if n.startswith("sphere") else None,
 }
@@ -258,7 +265,10 @@ SECTIONS = {"e1_operators_heads": ("E1: operators × heads", section_e1),
             "e4_deep_plain": ("E4: deep plain networks", section_e4),
             "e5_regularizers": ("E5: regularizers", section_e5),
             "e6_feature_geometry": ("E6: feature geometry", section_e6),
-            "e8_convergence_bn": ("E8: convergence decomposed — optimization vs evaluation", section_e8)}
+            "e8_convergence_bn": ("E8: convergence decomposed — optimization vs evaluation", section_e8),
+            "e4b_gradient_flow": ("E4b: deep plain networks at widths / 4, 1,500 steps of batch 128 (training runs)",
+                                  lambda exp, images: section_e4(exp, images, label="E4b")
+                                  + ["", "The gradient-flow diagnostic and the discussion: section E4b below."])}
 
 
 def plot_lines(path: Path, title: str, xlabel: str, lines: dict[str, list[tuple[int, ConfigResult]]],
@@ -359,11 +369,12 @@ def spliced_sections(folder: Path) -> list[str]:
     ``docs/results/eN_*.md``; it is copied here in the order of N, image links made relative to this page."""
     import re
 
-    def number(path: Path) -> int:
-        return int(re.match(r"e(\d+)_", path.name).group(1))
+    def number(path: Path) -> tuple[int, str]:  # e4b_... sorts after e4_... and before e5_...
+        match = re.match(r"e(\d+)([a-z]?)_", path.name)
+        return int(match.group(1)), match.group(2)
 
     lines: list[str] = []
-    for path in sorted((p for p in folder.glob("e*_*.md") if re.match(r"e\d+_", p.name)), key=number):
+    for path in sorted((p for p in folder.glob("e*_*.md") if re.match(r"e\d+[a-z]?_", p.name)), key=number):
         text = re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", lambda m: f"]({folder.name}/{m.group(1)})", path.read_text())
         text = re.sub(r"\]\(\.\./([^)]+\.md)\)", r"](\1)", text)  # links to docs/*.md from docs/results/
         text = text.replace(HUMAN_START, "").replace(HUMAN_END, "")  # the driver's own markers stay in its file

@@ -190,7 +190,11 @@ def test_specs_are_sized_as_documented():
     seen = {r["batch_size"] * r["steps"] for r in specs["e3_norm_batch"].runs}
     assert len(seen) == 1
     assert {r["batch_size"] for r in specs["e3_norm_batch"].runs} == {2, 4, 8, 16, 32, 128}
-    assert {(r["norm"]) for r in specs["e3_norm_batch"].runs} == {"none", "bn", "spherenorm", "spherenorm+bn"}
+    assert {(r["norm"]) for r in specs["e3_norm_batch"].runs} == {"none", "bn", "spherenorm", "spherenorm+bn", "gn"}
+    assert {r["batch_size"] for r in specs["e3_norm_batch"].runs if r["norm"] == "gn"} == {2, 8, 32}
+    e4b = specs["e4b_gradient_flow"]
+    assert {r["model"] for r in e4b.runs} == {f"{f}{n}" for f in ("cnn", "spherenet") for n in (9, 18, 30, 45, 60)}
+    assert e4b.train["steps"] >= 1500 and e4b.train["batch_size"] == 128 and e4b.train["width_mult"] == 0.25
     assert {r["model"] for r in specs["e4_deep_plain"].runs} == {f"{f}{n}" for f in ("cnn", "spherenet")
                                                                 for n in (9, 18, 30, 45, 60)}
     assert {r.get("sigmoid_k") for r in specs["e1_operators_heads"].runs} >= {0.1, 0.3, 0.7}

@@ -159,10 +159,14 @@ def test_operator_choice_reaches_every_conv(operator):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("family", ["spherenet9", "sphere_resnet32"])
 def test_norm_choices(norm, family):
-    model = create_model(family, **_small(family, norm=norm))
+    kwargs = _small(family, norm=norm)
+    if norm == "gn":  # 8 groups need stage widths that are multiples of 8
+        kwargs["width_mult"] = 1 / 8 if family == "spherenet9" else 1 / 12
+    model = create_model(family, **kwargs)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     sphere = [m for m in model.modules() if isinstance(m, SphereConv2d)]
     assert bool(bns) == (norm in ("bn", "spherenorm+bn"))
+    assert bool([m for m in model.modules() if isinstance(m, nn.GroupNorm)]) == (norm == "gn")
     assert all(isinstance(m, SphereNorm2d) == norm.startswith("spherenorm") for m in sphere)
     _train_step_checks(model.to(DEVICE), *_batch())
 

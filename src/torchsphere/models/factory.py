@@ -9,7 +9,10 @@ timm's layer factories do).
   ``"cosine"``, ``"sigmoid"``, ``"learnable_sigmoid"`` (Liu et al., *Deep Hyperspherical Learning*, NIPS 2017,
   arXiv 1711.03189).
 - norm: ``"bn"`` (BatchNorm, official eps 1e-3), ``"spherenorm"`` (the convolutions become
-  :class:`torchsphere.nn.SphereNorm2d`, no BatchNorm), ``"spherenorm+bn"`` (both) or ``"none"``.
+  :class:`torchsphere.nn.SphereNorm2d`, no BatchNorm), ``"spherenorm+bn"`` (both), ``"gn"`` (GroupNorm, Wu & He,
+  *Group Normalization*, ECCV 2018, arXiv 1803.08494: ``GN_GROUPS`` = 8 groups of channels per layer, PyTorch's eps
+  1e-5, learnable per-channel gamma / beta; no batch statistics, the usual small-batch alternative to BatchNorm) or
+  ``"none"``.
 - bn_stats: how BatchNorm keeps its test-time statistics. ``"torch"`` (``nn.BatchNorm2d``: running_mean 0,
   running_var 1, EMA of the unbiased batch variance; default momentum 0.1, PyTorch's) or ``"official"``
   (:class:`torchsphere.nn.OfficialBatchNorm2d`: the official code's zero-started EMA shadows of the biased batch
@@ -40,7 +43,13 @@ from ..nn.sphere_conv import SphereConv2d
 from ..nn.sphere_norm import SphereNorm2d
 
 CONV_CHOICES: tuple[str, ...] = ("conv", *OPERATORS)
-NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "none")
+NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "gn", "none")
+# GroupNorm: 8 groups (Wu & He 2018, Table 3: G = 8 ... 32 are within 0.5% top-1 of each other on ImageNet). 8 divides
+# the stage widths of the plain nets (128/192/256) at width_mult 1/8 (16/24/32), 1/4 (32/48/64) and above, not at
+# 1/16 (8/12/16), and those of the CIFAR ResNets (96/192/384) at 1/12 and above, not at 1/8 (12/24/48); a width it
+# does not divide is an error naming it, never a silently different group count.
+GN_GROUPS = 8
+GN_EPS = 1e-5  # PyTorch's and Wu & He's
 HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
 OFFICIAL_BN_EPS = 1e-3  # wy1iu/SphereNet custom BN
 OFFICIAL_BN_MOMENTUM = 1e-3  # PyTorch momentum of the official EMA decay 0.999
@@ -70,7 +79,8 @@ class LayerConfig:
     Attributes:
         operator: ``"conv"`` for the CNN baseline, else the SphereConv operator of every sphere convolution.
         sigmoid_k: k of ``"sigmoid"`` / initial k of ``"learnable_sigmoid"`` (None: the layer default, 0.3 / 0.75).
-        norm: ``"bn"``, ``"spherenorm"``, ``"spherenorm+bn"`` or ``"none"``.
+        norm: ``"bn"``, ``"spherenorm"``, ``"spherenorm+bn"``, ``"gn"`` (GroupNorm, ``GN_GROUPS`` groups) or
+            ``"none"``.
         bn_eps: BatchNorm eps (official 1e-3).
         bn_stats: ``"torch"`` (``nn.BatchNorm2d``) or ``"official"`` (:class:`~torchsphere.nn.OfficialBatchNorm2d`).
         bn_momentum: BatchNorm momentum in PyTorch's convention (1 - decay); None: 0.1 for ``"torch"``, the official
@@ -151,6 +161,8 @@ class LayerConfig:
         if self.norm in ("bn", "spherenorm+bn"):
             bn = OfficialBatchNorm2d if self.bn_stats == "official" else nn.BatchNorm2d
             return partial(bn, eps=self.bn_eps, momentum=self.resolved_bn_momentum)
+        if self.norm == "gn":
+            return group_norm
         return nn.Identity  # accepts and ignores num_features
 
     @property
@@ -164,6 +176,23 @@ class LayerConfig:
             return partial(nn.Linear, bias=self.head_bias)
         margin = 1.0 if self.head == "wsoftmax" else float(self.margin)
         return partial(AngularHead, operator=self.head_operator or "cosine", margin=margin, scale=self.head_scale)
+
+
+def group_norm(num_channels: int, num_groups: int = GN_GROUPS) -> nn.GroupNorm:
+    """``nn.GroupNorm(num_groups, num_channels, eps=GN_EPS)``, the ``norm="gn"`` layer (Wu & He, ECCV 2018).
+
+    Raises:
+        ValueError: if ``num_groups`` does not divide ``num_channels``, naming both and the nearest widths that work.
+    """
+    num_channels = check_count("num_channels", num_channels)
+    num_groups = check_count("num_groups", num_groups)
+    if num_channels % num_groups:
+        low = max(num_groups, num_channels - num_channels % num_groups)
+        raise ValueError(f"norm='gn' splits each layer's channels into {num_groups} groups; a layer has "
+                         f"{num_channels} channels, which {num_groups} does not divide (e.g. {low} or "
+                         f"{low + num_groups} would). Choose widths / width_mult whose stage widths are multiples "
+                         f"of {num_groups}")
+    return nn.GroupNorm(num_groups, num_channels, eps=GN_EPS)
 
 
 LAYER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LayerConfig))

@@ -22,7 +22,7 @@ from ..models.factory import BN_STATS
 from ..regularizers.model import METHODS
 
 HEADS: tuple[str, ...] = ("softmax", "wsoftmax", "gasoftmax")
-NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "none")
+NORMS: tuple[str, ...] = ("bn", "spherenorm", "spherenorm+bn", "gn", "none")
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
 REGULARIZERS: tuple[str, ...] = ("none", *METHODS)  # HypersphericalRegularizer methods
@@ -141,7 +141,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
-        if (self.precise_bn or self.bn_shadow or self.bn_drift) and self.norm in ("spherenorm", "none"):
+        if (self.precise_bn or self.bn_shadow or self.bn_drift) and self.norm in ("spherenorm", "gn", "none"):
             option = "precise_bn" if self.precise_bn else ("bn_shadow" if self.bn_shadow else "bn_drift")
             raise ValueError(f"{option} needs BatchNorm layers; got norm={self.norm!r}, which has none")
         if self.operator is not None:

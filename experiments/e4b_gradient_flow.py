@@ -1,0 +1,526 @@
+"""Experiment 4b: gradient flow through depth, CNN-N vs SphereNet-N (cosine), N = 9-60, with BatchNorm and without.
+
+Liu et al., *Deep Hyperspherical Learning* (NIPS 2017, arXiv 1711.03189) claim that SphereConv mitigates vanishing /
+exploding gradients so that deep plain SphereNets optimize more easily than plain CNNs. Two parts, both on the
+configurations of ``experiments/e4b_gradient_flow.yaml`` (widths / 4 = 32/48/64 channels, batch 128):
+
+(a) the diagnostic: the first ``--diag-steps`` steps of each configuration's training run (seed 0) measured with
+    :class:`torchsphere.analysis.gradient_flow.GradientFlow` (per-layer activation RMS, weight-gradient norm, weight
+    norm and effective lr ||w_t+1 - w_t|| / ||w_t||), into ``OUTPUT/e4b_gradient_flow/gradflow/CONFIG/``;
+(b) the training runs (1,500 steps of batch 128, 3 seeds), the compare spec that ``experiments/run_all.py`` trains
+    (``--only e4b_gradient_flow``; finished runs reused, killed ones resumed). ``--train`` trains a subset here.
+
+Then it writes ``docs/results/e4b_gradient_flow.md`` with ``e4b_gradient_flow.png`` (layer index vs gradient norm
+per depth) and ``e4b_effective_lr.png`` from whatever has finished, and states what remains and its cost.
+
+Commands::
+
+    .venv/bin/python experiments/e4b_gradient_flow.py                       # diagnostic (what is missing) + page
+    .venv/bin/python experiments/e4b_gradient_flow.py --train cnn9-bn,spherenet9-bn --seeds 0   # + these runs
+    .venv/bin/python experiments/e4b_gradient_flow.py --report-only         # measure / train nothing: the page
+    .venv/bin/python experiments/run_all.py --only e4b_gradient_flow        # every training run, then the page
+
+The generated lines restate numbers by the rules printed with them; interpretation goes between the
+``human-discussion`` markers, which regeneration keeps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NAME = "e4b_gradient_flow"
+DEFAULT_OUTPUT = ROOT / "reports" / "experiments"
+DEFAULT_PAGE = ROOT / "docs" / "results" / "e4b_gradient_flow.md"
+COMMAND = ".venv/bin/python experiments/e4b_gradient_flow.py"
+DIAG_STEPS = 10  # 0.6-5 CPU s per step of batch 128 (9-60 layers): about 8 CPU-minutes for the 20 configurations
+DIAG_EVERY = 1
+DIAG_DIR = "gradflow"
+CPU_FILE = "train_cpu.json"  # process CPU seconds of the runs trained by this driver
+DISCUSSION = re.compile(r"<!-- human-discussion:start -->.*?<!-- human-discussion:end -->", re.S)
+TRAINS_AT = 0.5  # as E4: a run "trains" when its final test accuracy reaches 50% (chance 10%)
+DECADE = 10.0  # a gradient ratio beyond 10x between the first and the last conv layer is called vanishing/exploding
+sys.path.insert(0, str(HERE))
+
+
+def _experiment():
+    import run_all
+
+    return next(e for e in run_all.EXPERIMENTS if e.name == NAME)
+
+
+def _configs(output: Path, overrides: dict[str, Any]) -> dict[str, list]:
+    """{configuration: [TrainConfig per seed]} of the training part, as run_all trains them."""
+    import run_all
+    from torchsphere.train.compare import run_configs
+
+    return run_configs(run_all.load(_experiment(), False), output / NAME, {**run_all.overrides(False), **overrides})
+
+
+# ---------------------------------------------------------------------------------------------- (a) diagnostic
+def diag_folder(output: Path, name: str) -> Path:
+    return output / NAME / DIAG_DIR / name
+
+
+def diag_state(config, steps: int, every: int) -> str:
+    """``"done"`` when the folder holds a finished measurement of this configuration and stride over at least
+    ``steps`` steps (the monitor is deterministic, so the first ``steps`` steps of a longer measurement are the
+    measurement of ``steps`` steps)."""
+    from torchsphere.train.config import TrainConfig
+    from torchsphere.train.gradflow import GRAD_FLOW_FILE, GRAD_FLOW_INFO
+    from torchsphere.train.loop import CONFIG_FILE, RESUME_FREE
+    from torchsphere.train.preflight import config_diff
+
+    out = Path(config.output)
+    if not all((out / f).is_file() for f in (CONFIG_FILE, GRAD_FLOW_FILE, GRAD_FLOW_INFO)):
+        return "new"
+    info = json.loads((out / GRAD_FLOW_INFO).read_text())
+    if config_diff(config, TrainConfig.from_yaml(out / CONFIG_FILE).to_dict(), RESUME_FREE) or \
+            info.get("every") != every or info.get("steps", 0) < steps:
+        return "stale"
+    return "done"
+
+
+def run_diagnostic(output: Path, steps: int, every: int, overrides: dict[str, Any], names: list[str] | None = None,
+                   log=print) -> int:
+    """Measures every configuration (seed 0) not yet measured with this step count; returns how many."""
+    import shutil
+
+    from torchsphere.train.gradflow import measure_gradient_flow
+
+    done = 0
+    for name, cfgs in _configs(output, overrides).items():
+        if names and name not in names:
+            continue
+        config = cfgs[0].replace(output=str(diag_folder(output, name)), quiet=True, checkpoint_every=0)
+        state = diag_state(config, steps, every)
+        if state == "done":
+            continue
+        if state == "stale":  # another step count or configuration: measured again, never mixed
+            shutil.rmtree(config.output)
+        result = measure_gradient_flow(config, steps, every)
+        log(f"gradflow {name}: {steps} steps, {result['cpu_s']:.1f} CPU s", flush=True)
+        done += 1
+    return done
+
+
+def load_diagnostic(output: Path, steps: int = DIAG_STEPS) -> dict[str, dict[str, Any]]:
+    """{configuration: {"rows", "info"}} of the finished measurements, cut to their first ``steps`` steps (the CPU
+    time in ``info`` scaled to them)."""
+    from torchsphere.analysis.gradient_flow import read_csv
+    from torchsphere.train.gradflow import GRAD_FLOW_FILE, GRAD_FLOW_INFO
+
+    found = {}
+    root = output / NAME / DIAG_DIR
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if (folder / GRAD_FLOW_INFO).is_file():
+            info = json.loads((folder / GRAD_FLOW_INFO).read_text())
+            if info["steps"] < steps:
+                continue  # a shorter measurement than asked for: not used (measured again by run_diagnostic)
+            scale = steps / info["steps"]
+            info = {**info, "measured_steps": info["steps"], "measured_cpu_s": info["cpu_s"], "steps": steps,
+                    "cpu_s": info["cpu_s"] * scale,
+                    "wall_s": info["wall_s"] * scale}
+            found[folder.name] = {"rows": [r for r in read_csv(folder / GRAD_FLOW_FILE) if r["step"] < steps],
+                                  "info": info}
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- (b) training
+def train_subset(output: Path, names: list[str], seeds: list[int] | None, overrides: dict[str, Any],
+                 log=print) -> int:
+    """Trains (or resumes) the chosen runs of the training part in this process; returns how many."""
+    import run_all
+    from torchsphere.train.checkpoint import atomic_write_text
+
+    configs = _configs(output, overrides)
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; choose from {sorted(configs)}")
+    todo = [c for n in names for c in configs[n] if seeds is None or c.seed in seeds]
+    todo = [c for c in todo if run_all.run_state(c) != "done"]
+    cpu_path = output / NAME / CPU_FILE
+    cpu_log = json.loads(cpu_path.read_text()) if cpu_path.is_file() else {}
+    wall = time.perf_counter()
+    try:
+        for config in todo:
+            start = time.process_time()
+            log(f"train {config.output}", flush=True)
+            run_all._train_one(config)
+            key = str(Path(config.output).relative_to(output / NAME))
+            cpu_log[key] = round(cpu_log.get(key, 0.0) + time.process_time() - start, 1)
+            atomic_write_text(cpu_path, json.dumps(cpu_log, indent=2, sort_keys=True) + "\n")
+    finally:
+        if todo:
+            run_all.add_wall_time(output / NAME, time.perf_counter() - wall, 1)
+    return len(todo)
+
+
+def training_state(output: Path, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{configuration: {"done": [run dirs], "missing": [seeds]}}."""
+    import run_all
+
+    state = {}
+    for name, cfgs in _configs(output, overrides).items():
+        done = [c for c in cfgs if run_all.run_state(c) == "done"]
+        state[name] = {"done": [c.output for c in done], "missing": [c.seed for c in cfgs if c not in done],
+                       "steps": cfgs[0].steps, "eval_every": cfgs[0].eval_every}
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def split_name(name: str) -> tuple[str, int, str]:
+    """'spherenet30-none' -> ('SphereNet', 30, 'none')."""
+    match = re.fullmatch(r"(cnn|spherenet)(\d+)-(\w+)", name)
+    if not match:
+        raise ValueError(f"not an E4b configuration name: {name!r}")
+    return ("CNN" if match.group(1) == "cnn" else "SphereNet"), int(match.group(2)), match.group(3)
+
+
+def stage_convs(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """The N hidden conv layers (``stages.*``) of one step, in forward order."""
+    return sorted((r for r in rows if r["step"] == step and r["name"].startswith("stages.")), key=lambda r: r["index"])
+
+
+def profile(rows: list[dict[str, Any]], step: int) -> dict[str, float]:
+    convs = stage_convs(rows, step)
+    grads = [r["grad_norm"] for r in convs]
+    finite = [g for g in grads if g > 0 and math.isfinite(g)]
+    return dict(first=grads[0], last=grads[-1], ratio=grads[0] / grads[-1] if grads[-1] > 0 else math.nan,
+                spread=math.log10(max(finite) / min(finite)) if finite else math.nan,
+                act_first=convs[0]["act_rms"], act_last=convs[-1]["act_rms"],
+                eff_lr=statistics.median(r["update_ratio"] for r in convs),
+                loss=convs[0]["loss"])
+
+
+def weight_growth(rows: list[dict[str, Any]], step: int) -> float:
+    """Median over the hidden conv layers of ||w_step|| / ||w_0||."""
+    first = {r["name"]: r["weight_norm"] for r in stage_convs(rows, 0)}
+    return statistics.median(r["weight_norm"] / first[r["name"]] for r in stage_convs(rows, step))
+
+
+def flow_word(ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return "undefined"
+    if ratio < 1 / DECADE:
+        return "vanishing toward the input"
+    if ratio > DECADE:
+        return "exploding toward the input"
+    return "within 10x"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plot_gradients(diag: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f, n) for f in ("CNN", "SphereNet") for n in ("bn", "none")]
+    last = {name: max(r["step"] for r in d["rows"]) for name, d in diag.items()}
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharey="row", squeeze=False)
+    for col, (family, norm) in enumerate(panels):
+        for row, when in enumerate(("init", "last")):
+            ax = axes[row][col]
+            for name in sorted(diag, key=lambda n: split_name(n)[1]):
+                fam, depth, nrm = split_name(name)
+                if (fam, nrm) != (family, norm):
+                    continue
+                step = 0 if when == "init" else last[name]
+                convs = stage_convs(diag[name]["rows"], step)
+                ax.plot([r["index"] for r in convs], [r["grad_norm"] for r in convs], marker=".", label=f"N = {depth}")
+            ax.set_yscale("log")
+            ax.set_title(f"{family}, {'BN' if norm == 'bn' else 'no norm'}, "
+                         + ("step 0 (init)" if when == "init" else f"step {max(last.values())}"))
+            ax.set_xlabel("conv layer index (0 = input side)")
+            if col == 0:
+                ax.set_ylabel("||dL/dW|| (Frobenius)")
+            if ax.get_lines():
+                ax.legend(fontsize=7)
+    fig.suptitle("E4b: weight-gradient norm per conv layer, Fashion-MNIST, widths / 4, batch 128 (seed 0)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_effective_lr(diag: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f, n) for f in ("CNN", "SphereNet") for n in ("bn", "none")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharey="row", squeeze=False)
+    for col, (family, norm) in enumerate(panels):
+        for name in sorted(diag, key=lambda n: split_name(n)[1]):
+            fam, depth, nrm = split_name(name)
+            if (fam, nrm) != (family, norm):
+                continue
+            rows = diag[name]["rows"]
+            steps = sorted({r["step"] for r in rows})
+            axes[0][col].plot(steps, [statistics.median(r["update_ratio"] for r in stage_convs(rows, s))
+                                      for s in steps], label=f"N = {depth}")
+            axes[1][col].plot(steps, [weight_growth(rows, s) for s in steps], label=f"N = {depth}")
+        kind = "SphereConv filters" if family == "SphereNet" else "conv filters"
+        axes[0][col].set_title(f"{family}, {'BN' if norm == 'bn' else 'no norm'}: {kind}")
+        axes[0][col].set_yscale("log")
+        axes[1][col].set_xlabel("step")
+        for r in (0, 1):
+            if axes[r][col].get_lines():
+                axes[r][col].legend(fontsize=7)
+    axes[0][0].set_ylabel("median ||w_t+1 - w_t|| / ||w_t||")
+    axes[1][0].set_ylabel("median ||w_t|| / ||w_0||")
+    fig.suptitle("E4b: effective learning rate and filter-norm growth of the hidden conv layers (Adam 1e-3, seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def _pct(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)} seeds)"
+
+
+def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = DIAG_STEPS) -> str:
+    from torchsphere.train.metrics import SUMMARY_FILE, read_summary
+    from torchsphere.train.report import markdown_table
+
+    diag = load_diagnostic(output, steps)
+    state = training_state(output, overrides)
+    names = list(state)
+    images = page_path.parent
+    lines = ["## E4b: gradient flow through depth, and deep plain nets at a budget where depth can show", "",
+             "E4 found that deep plain nets of either family stop training, but at widths / 16 (8-16 channels) and "
+             "300 steps of batch 32, where a failure of the method cannot be told from a failure of the setting. "
+             "E4b measures what the claim is about (Liu et al., NIPS 2017: SphereConv mitigates vanishing / "
+             "exploding gradients in deep plain nets) and trains at widths / 4 (32/48/64 channels), 1,500 steps of "
+             "batch 128. Spec: `experiments/e4b_gradient_flow.yaml`; driver: `experiments/e4b_gradient_flow.py`; the "
+             "diagnostic is `torchsphere.analysis.gradient_flow` (also `torchsphere gradflow`, docs/training.md).",
+             ""]
+    hardware = _machine()
+    if diag:
+        steps = {d["info"]["steps"] for d in diag.values()}
+        cpu = sum(d["info"]["cpu_s"] for d in diag.values())
+        wall = sum(d["info"]["wall_s"] for d in diag.values())
+        spent = sum(d["info"]["measured_cpu_s"] for d in diag.values())
+        longer = sorted(n for n, d in diag.items() if d["info"]["measured_steps"] > d["info"]["steps"])
+        lines += ["### (a) Gradient flow over the first steps", "",
+                  f"Each configuration's training run (seed 0) for its first {'/'.join(map(str, sorted(steps)))} "
+                  f"steps, every step recorded: the same data, initial weights, batches, Adam 1e-3 and augmentation "
+                  f"as the training runs of part (b) (the monitor changes nothing: bit-identical losses, tested). "
+                  f"{len(diag)} of {len(names)} configurations measured; these steps cost {cpu / 60:.1f} CPU-min "
+                  f"({wall / 60:.1f} min wall) at 1 thread on {hardware}"
+                  + (f"; {spent / 60:.1f} CPU-min were spent in all, {', '.join(longer)} having been measured over "
+                     f"{max(diag[n]['info']['measured_steps'] for n in longer)} steps (the first "
+                     f"{min(steps)} are shown)" if longer else "") + ".", "",
+                  "Columns: the weight-gradient norm ||dL/dW|| of the first and the last hidden conv layer at "
+                  "initialization (step 0), their ratio first / last (< 0.1: *vanishing toward the input*, > 10: "
+                  "*exploding toward the input*) and the same ratio at the last step measured, the spread "
+                  "log10(max / min) of the gradient norms over the N hidden "
+                  "conv layers, the per-example activation RMS of the first and the last conv output, the median "
+                  "effective lr ||w_t+1 - w_t|| / ||w_t|| of the conv filters at step 0 and at the last step "
+                  "measured, the median filter-norm growth ||w_t|| / ||w_0|| there, and the training loss at both "
+                  "steps.", ""]
+        rows = [["configuration", "grad first", "grad last", "first/last", "first/last at last step", "spread (decades)",
+                 "act RMS first → last",
+                 "eff. lr step 0 → last", "‖w‖ growth", "loss step 0 → last"]]
+        verdict_lines = []
+        for name in names:
+            if name not in diag:
+                rows.append([name] + ["not measured"] + [""] * 8)
+                continue
+            d = diag[name]["rows"]
+            last = max(r["step"] for r in d)
+            p0, pl = profile(d, 0), profile(d, last)
+            rows.append([name, f"{p0['first']:.3g}", f"{p0['last']:.3g}", f"{p0['ratio']:.3g}", f"{pl['ratio']:.3g}",
+                         f"{p0['spread']:.2f}",
+                         f"{p0['act_first']:.3g} → {p0['act_last']:.3g}", f"{p0['eff_lr']:.2e} → {pl['eff_lr']:.2e}",
+                         f"{weight_growth(d, last):.3f}", f"{p0['loss']:.3f} → {pl['loss']:.3f}"])
+        lines += [markdown_table(rows), ""]
+        lines += ["Rule: per depth and norm, the family whose first/last ratio is nearer 1 (|log10| smaller) has the "
+                  "flatter gradient profile (at step 0 and at the last step measured); \"vanishing\" / \"exploding\" as defined above. One "
+                  "seed: these are measurements of one initialization, not a distribution.", ""]
+        for norm in ("bn", "none"):
+            for depth in sorted({split_name(n)[1] for n in names}):
+                cnn, sph = f"cnn{depth}-{norm}", f"spherenet{depth}-{norm}"
+                if cnn in diag and sph in diag:
+                    rc, rs = profile(diag[cnn]["rows"], 0)["ratio"], profile(diag[sph]["rows"], 0)["ratio"]
+                    flatter = ("SphereNet" if abs(math.log10(rs)) < abs(math.log10(rc)) else "CNN")
+                    lc = profile(diag[cnn]["rows"], max(r["step"] for r in diag[cnn]["rows"]))["ratio"]
+                    ls = profile(diag[sph]["rows"], max(r["step"] for r in diag[sph]["rows"]))["ratio"]
+                    later = ("SphereNet" if abs(math.log10(ls)) < abs(math.log10(lc)) else "CNN")
+                    verdict_lines.append(f"- N = {depth}, {'BN' if norm == 'bn' else 'no norm'}: at step 0 CNN "
+                                         f"{rc:.3g} ({flow_word(rc)}), SphereNet {rs:.3g} ({flow_word(rs)}), "
+                                         f"flatter: {flatter}; at the last step CNN {lc:.3g} ({flow_word(lc)}), "
+                                         f"SphereNet {ls:.3g} ({flow_word(ls)}), flatter: {later}.")
+        lines += verdict_lines + [""]
+        plot_gradients(diag, images / "e4b_gradient_flow.png")
+        plot_effective_lr(diag, images / "e4b_effective_lr.png")
+        lines += ["![E4b gradient norms](e4b_gradient_flow.png)", "", "![E4b effective lr](e4b_effective_lr.png)", ""]
+    else:
+        lines += ["### (a) Gradient flow over the first steps", "", f"Not measured yet: run `{COMMAND}`.", ""]
+
+    # (b) training
+    lines += ["### (b) Training: 1,500 steps of batch 128", ""]
+    cpu_log = json.loads((output / NAME / CPU_FILE).read_text()) if (output / NAME / CPU_FILE).is_file() else {}
+    rows = [["configuration", "seeds finished", "final test %", "best-on-val test %", f"trains (≥ {TRAINS_AT:.0%})",
+             "s / step", "CPU-min per run"]]
+    finished: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        summaries = [read_summary(Path(d) / SUMMARY_FILE) for d in state[name]["done"]]
+        finished[name] = summaries
+        if not summaries:
+            continue
+        cpus = [cpu_log[k] for k in cpu_log if k.startswith(f"runs/{name}/")]
+        rows.append([name, f"{len(summaries)}/{len(summaries) + len(state[name]['missing'])}",
+                     _pct([s["final"]["test_acc"] for s in summaries]), _pct([s["best"]["test_acc"] for s in summaries]),
+                     f"{sum(s['final']['test_acc'] >= TRAINS_AT for s in summaries)}/{len(summaries)}",
+                     f"{statistics.fmean(s['time_per_step_s'] for s in summaries):.2f}",
+                     f"{statistics.fmean(cpus) / 60:.1f}" if cpus else "—"])
+    if len(rows) > 1:
+        lines += [markdown_table(rows), "",
+                  "s / step: training wall seconds per step from the runs' summary.json (evaluations excluded; the "
+                  "machine was shared, so wall > CPU); CPU-min per run: process CPU time of the whole run "
+                  "(evaluations and data loading included), where this driver trained it.", ""]
+        pairs = []
+        for name in names:
+            fam, depth, norm = split_name(name)
+            twin = f"cnn{depth}-{norm}"
+            if fam == "SphereNet" and finished.get(name) and finished.get(twin):
+                a = [s["final"]["test_acc"] for s in finished[name]]
+                b = [s["final"]["test_acc"] for s in finished[twin]]
+                diff = 100 * (statistics.fmean(a) - statistics.fmean(b))
+                if min(len(a), len(b)) < 2:
+                    word = "one seed: no verdict"
+                else:
+                    sa, sb = statistics.stdev(a), statistics.stdev(b)
+                    word = ("higher" if diff > 0 else "lower") if abs(diff) > 100 * (sa + sb) else "within noise"
+                pairs.append(f"- {name} vs {twin}: final test accuracy {diff:+.2f} points ({word}).")
+        if pairs:
+            lines += ["Rule (as E1): \"higher\"/\"lower\" when the difference of the mean final test accuracies "
+                      "exceeds the sum of the two standard deviations; no verdict with fewer than 2 seeds.", ""]
+            lines += pairs + [""]
+    else:
+        lines += ["No training run has finished yet.", ""]
+    lines += remaining(state, diag)
+    lines += ["### Discussion", "", _discussion(page_path), ""]
+    return "\n".join(lines)
+
+
+def remaining(state: dict[str, dict[str, Any]], diag: dict[str, dict[str, Any]]) -> list[str]:
+    """What is left to train and its estimated CPU cost (the diagnostic's CPU seconds per step x the budget)."""
+    rows = [["configuration", "seeds left", "est. CPU-min per run", "est. CPU-min"]]
+    total = 0.0
+    for name, st in state.items():
+        if not st["missing"]:
+            continue
+        per_run = math.nan
+        if name in diag:
+            info = diag[name]["info"]
+            evals = st["steps"] // st["eval_every"] + 1
+            # training steps at the diagnostic's measured cost, plus about 2,000 images evaluated per evaluation
+            # (forward only, about a third of a training step per 128 images)
+            per_step = info["cpu_s"] / info["steps"]
+            per_run = (st["steps"] * per_step + evals * (2000 / 128) * per_step / 3) / 60
+            total += per_run * len(st["missing"])
+        rows.append([name, ",".join(map(str, st["missing"])), f"{per_run:.0f}" if math.isfinite(per_run) else "?",
+                     f"{per_run * len(st['missing']):.0f}" if math.isfinite(per_run) else "?"])
+    if len(rows) == 1:
+        return ["Every training run has finished.", ""]
+    from torchsphere.train.report import markdown_table
+
+    return ["**What remains to run** (estimated from the diagnostic's measured CPU time per step at 1 thread; "
+            "`.venv/bin/python experiments/run_all.py --only e4b_gradient_flow --jobs N` trains all of it, "
+            "reusing every finished run):", "", markdown_table(rows), "",
+            f"Total: about {total / 60:.1f} CPU-hours" + (" (configurations without a measurement not counted)"
+                                                         if any(r[2] == "?" for r in rows[1:]) else "") + ".", ""]
+
+
+def _discussion(page_path: Path) -> str:
+    old = page_path.read_text() if page_path.is_file() else ""
+    match = DISCUSSION.search(old)
+    return match.group(0) if match else ("<!-- human-discussion:start -->\n(discussion to be written from the "
+                                         "numbers above)\n<!-- human-discussion:end -->")
+
+
+def _machine() -> str:
+    import run_all
+
+    return run_all.machine()
+
+
+def write_page(output: Path, page_path: Path, overrides: dict[str, Any] | None = None,
+               steps: int = DIAG_STEPS) -> Path:
+    from torchsphere.train.checkpoint import atomic_write_text
+
+    text = page(output, page_path, overrides or {}, steps)
+    page_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(page_path, text)
+    return page_path
+
+
+def _set(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width_mult=0.0625), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="experiments folder (default "
+                        "reports/experiments; this experiment lives in OUTPUT/e4b_gradient_flow)")
+    parser.add_argument("--page", type=Path, default=DEFAULT_PAGE, help="Markdown page (default %(default)s)")
+    parser.add_argument("--diag-steps", type=int, default=DIAG_STEPS, help="steps measured per configuration "
+                        "(default %(default)s)")
+    parser.add_argument("--every", type=int, default=DIAG_EVERY, help="record every k-th step (default 1)")
+    parser.add_argument("--diag-only", metavar="C1,C2", help="measure only these configurations")
+    parser.add_argument("--train", metavar="C1,C2", help="also train these configurations of the training part "
+                        "(resumable; 'all' for every one)")
+    parser.add_argument("--seeds", metavar="S1,S2", help="with --train: only these seeds (default: the spec's)")
+    parser.add_argument("--report-only", action="store_true", help="measure and train nothing; rewrite the page")
+    parser.add_argument("--set", type=_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training field for every run (smoke tests: width_mult=0.0625, ...)")
+    parser.add_argument("--data-dir", help="folder searched first for the dataset files")
+    args = parser.parse_args(argv)
+    if args.diag_steps < 1 or args.every < 1:
+        parser.error(f"--diag-steps and --every must be >= 1; got {args.diag_steps} and {args.every}")
+    overrides = dict(args.set)
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    try:
+        if not args.report_only:
+            names = args.diag_only.split(",") if args.diag_only else None
+            run_diagnostic(args.output, args.diag_steps, args.every, overrides, names)
+            if args.train:
+                configs = list(_configs(args.output, overrides))
+                chosen = configs if args.train == "all" else [n for n in args.train.split(",") if n]
+                seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+                train_subset(args.output, chosen, seeds, overrides)
+        path = write_page(args.output, args.page, overrides, args.diag_steps)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

@@ -16,7 +16,8 @@ Numerical hazards handled here:
 - **Overflow of the squared norms.** In float32, x^2 overflows for |x| > 1.8e19 and the squared patch norm for
   smaller |x|; then r = 0 and the layer would silently output g(0). The squared sums are accumulated in float32
   and, when any is infinite, recomputed in float64 (checked on the small (N, G, *out) result; on CUDA, where the
-  check would synchronize, they are always accumulated in float64, which costs no extra memory traffic). The
+  check would synchronize, and inside an outer ``torch.compile``, which cannot branch on data, they are always
+  accumulated in float64, which costs no extra memory traffic). The
   filter norm is computed in float64.
 - **Underflow in the patch norm's gradient.** dL/dx = 2 x box_sum^T(-r^3 dL/dr / 2), and r^3 underflows float32 for
   |patch| > ~5e12. With a per-sample scale a = max r, the factors are regrouped as 2 (x a)(a box_sum^T(v)),
@@ -112,7 +113,7 @@ def patch_grad_kernel(grad_input: Tensor, x: Tensor, r: Tensor, grad_r: Tensor, 
 def _patch_rnorm(x: Tensor, kernel, stride, padding, dilation, groups: int, box: bool, eps: float,
                  inference: bool) -> Tensor:
     """r = 1 / sqrt(|x_patch|^2 + eps) in x's dtype, overflow-safe (module docstring)."""
-    if x.dtype == torch.float64 or x.device.type != "cpu":
+    if x.dtype == torch.float64 or x.device.type != "cpu" or torch.compiler.is_compiling():
         sq = _kernel("patch_sq64", patch_sq_kernel, x.numel(), inference)(x, kernel, stride, padding, dilation,
                                                                             groups, box, torch.float64)
     else:

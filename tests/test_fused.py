@@ -8,6 +8,7 @@ under ``torch.compile(fullgraph=True)`` and ``torch.export``.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -370,13 +371,8 @@ def test_compile_fullgraph_and_export(monkeypatch):
 def test_compiled_kernels_match_eager(backend, monkeypatch):
     """The compiled pointwise kernels (used for large tails) equal the eager ones; inductor for one operator only."""
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(fused, "_COMPILED", {
-        name: torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
-        for name, fn in (("forward", fused.tail_forward), ("forward_inplace", fused.tail_forward_inplace),
-                         ("backward", fused.tail_backward_terms),
-                         ("backward_from_output", fused.tail_backward_from_output_terms),
-                         ("square_sum", fused.channel_square_sum), ("patch_sq", fused_conv.patch_sq_kernel),
-                         ("patch_sq64", fused_conv.patch_sq_kernel), ("patch_grad", fused_conv.patch_grad_kernel))})
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "compile_kernel", functools.partial(fused.compile_kernel, backend=backend))
     ops = ("learnable_sigmoid",) if backend == "inductor" else OPS
     for op, mem in [(op, mem) for op in ops for mem in (False, True)]:
         for shape in [(2, 6, 5, 5), (3, 6, 4, 7)][:2 if op == "learnable_sigmoid" else 1]:  # dynamic shapes
@@ -392,7 +388,26 @@ def test_compiled_kernels_match_eager(backend, monkeypatch):
             torch.testing.assert_close(out_f, out_r, rtol=0, atol=REF_ATOL[torch.float32])
             for a, e in zip(g_f, g_r):
                 torch.testing.assert_close(a, e, rtol=0, atol=REF_ATOL[torch.float32] * max(1.0, e.abs().max().item()))
+    assert not fused._COMPILED.get("failed") and len(fused._COMPILED) >= 4  # the compiled kernels ran
+
+
+def test_kernel_signatures_never_reach_the_recompile_limit(monkeypatch):
+    """Every (operator, geometry, dtype) signature compiles its own copy of a kernel: a long-lived process with more
+    signatures than Dynamo's recompile limit keeps its compiled kernels (instead of falling back to eager)."""
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "compile_kernel", functools.partial(fused.compile_kernel, backend="eager"))
+    limit = torch._dynamo.config.recompile_limit
+    cases = [(op, stride, padding) for op in ("cosine", "linear") for stride in (1, 2, 3) for padding in (0, 1, 2)]
+    assert len(cases) // 2 > limit
+    for op, stride, padding in cases:
+        x = torch.randn(2, 4, 6, 6).to(DEVICE).requires_grad_()
+        w = torch.randn(6, 4, 3, 3).to(DEVICE).requires_grad_()
+        k = _k(op, (0.2 + torch.rand(6)).to(DEVICE))
+        out = sphere_conv2d(x, w, stride=stride, padding=padding, operator=op, sigmoid_k=k)
+        out.sum().backward()
     assert not fused._COMPILED.get("failed")
+    assert len({key[1] for key in fused._COMPILED if key[0] == "patch_sq"}) > limit  # one per geometry
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -400,9 +415,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(fused, "_COMPILED", {name: broken for name in (
-        "forward", "forward_inplace", "backward", "backward_from_output", "square_sum", "patch_sq", "patch_sq64",
-        "patch_grad")})
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "compile_kernel", lambda fn: broken)
     x, w = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()
     with pytest.warns(RuntimeWarning, match="compiling the fused SphereConv tail failed"):
         out = sphere_conv2d(x, w, operator="linear")

@@ -32,7 +32,9 @@ further and makes the whole layer one node, with the kernels of this module):
    polynomials of :mod:`torchsphere.functional.fast_math` (<= 5e-7 from float64; several times cheaper than the
    library functions), float64 tails the exact functions. On tensors of at least
    ``COMPILE_MIN_NUMEL`` elements the small functions below go through ``torch.compile(dynamic=True)``
-   (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile).
+   (Inductor emits one fused C++/OpenMP loop on CPU, one Triton kernel on CUDA; shape changes do not recompile,
+   and each signature -- operator, dtype, convolution geometry -- compiles its own copy of the function, see
+   :func:`compile_kernel`).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
    compiler is never required for correctness. Inference does not pay the compile: when no input requires a gradient
@@ -65,6 +67,7 @@ float64 stays float64.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Callable
 
@@ -305,8 +308,26 @@ def tail_backward_from_output_terms(grad: Tensor, out: Tensor, r: Tensor, k: flo
     return gc * r, gc * c, grad_k
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict = {}  # (name, signature) -> compiled kernel; "failed" -> True after a compiler failure
 _WARM: set[str] = set()  # kernels that have compiled and run in this process
+
+
+def compile_kernel(fn: Callable, backend: str = "inductor") -> Callable:
+    """``torch.compile(dynamic=True, fullgraph=True)`` of a fresh copy of ``fn`` (a new code object).
+
+    Dynamo keeps its compiled graphs, and counts recompilations against ``recompile_limit``, per code object; every
+    kernel signature gets its own copy, so the operators, dtypes and convolution geometries of a long-lived process
+    never add up to that limit (which would make the kernels fall back to eager for good).
+    """
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(fresh, dynamic=True, fullgraph=True, backend=backend)
+
+
+def _signature(args: tuple) -> tuple:
+    """What makes Dynamo specialize a kernel call: the non-tensor arguments (floats are dynamic) and each tensor's
+    dtype, device and rank (sizes are dynamic)."""
+    return tuple((a.dtype, a.device.type, a.dim()) if isinstance(a, Tensor) else
+                 ("float",) if isinstance(a, float) else a for a in args)
 
 
 def _kernel(name: str, fn: Callable, numel: int, inference: bool = False) -> Callable:
@@ -320,13 +341,13 @@ def _kernel(name: str, fn: Callable, numel: int, inference: bool = False) -> Cal
         return fn
     if inference and name not in _WARM:  # inference: never wait for a first compilation
         return fn
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    compiled = _COMPILED[name]
 
     def run(*args):
+        key = (name, _signature(args))
+        if key not in _COMPILED:
+            _COMPILED[key] = compile_kernel(fn)
         try:
-            out = compiled(*args)
+            out = _COMPILED[key](*args)
             _WARM.add(name)
             return out
         except Exception as err:  # noqa: BLE001 -- any compiler failure: fall back to the eager kernel for good

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchsphere.train import TrainConfig, read_metrics, train
+from torchsphere.train import distributed as dist_utils
 from torchsphere.train.distributed import DistInfo, env_info, gather_objects, replica_divergence, shard_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,15 @@ def test_env_info(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="malformed torchrun environment: RANK='x'"):
         env_info()
+
+
+def test_collectives_of_cpu_tensors_run_on_cuda_under_nccl(monkeypatch):
+    """NCCL rejects CPU tensors: the loop's CPU loss sums must travel through the current CUDA device."""
+    monkeypatch.setattr(dist_utils.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert dist_utils.collective_device(torch.zeros(2)) == torch.device("cuda", 3)
+    monkeypatch.setattr(dist_utils.dist, "get_backend", lambda: "gloo")
+    assert dist_utils.collective_device(torch.zeros(2)) == torch.device("cpu")
 
 
 def test_single_process_fallbacks():

@@ -109,12 +109,22 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def collective_device(values: Tensor) -> torch.device:
+    """Where a collective on ``values`` must run: the current CUDA device under NCCL (which rejects CPU tensors),
+    else the tensor's own device (gloo takes CPU and CUDA tensors)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return values.device
+
+
 def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
-    """Sums a tensor over ranks (a copy; unchanged when not distributed)."""
-    values = values.clone()
-    if info.enabled and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """Sums a tensor over ranks (a copy on ``values``' device; unchanged when not distributed). CPU tensors (the
+    loop's running loss sums) travel through the collective's device and back."""
+    if not (info.enabled and dist.is_initialized()):
+        return values.clone()
+    reduced = values.to(collective_device(values), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(values.device)
 
 
 def gather_objects(obj: object, info: DistInfo) -> list:

@@ -96,6 +96,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = 
     g.add_argument("--margin", type=_number(float, minimum=1, strict=False), default=S,
                    help=f"GA-Softmax margin m >= 1 on the target angle (head gasoftmax) {d('margin')}")
     _flag(g, "--anneal-lambda", "A-Softmax lambda annealing for the gasoftmax head (SphereFace schedule)")
+    _flag(g, "--detach-margin", "the gasoftmax margin changes the forward value only, the gradient is the "
+          "unmargined one (OpenSphere's annealing-free recipe)")
+    g.add_argument("--head-scale", type=_POS_FLOAT, default=S, metavar="S",
+                   help="fixed logit scale s of the angular head, as ArcFace/CosFace (default: s = |x|)")
+    _flag(g, "--fc-norm", "the model's normalization after fc6 (plain nets; SphereNet features become unbounded)")
     g.add_argument("--head-operator", default=S, choices=OPERATORS,
                    help="operator of the angular head (wsoftmax / gasoftmax; default: cosine)")
     g.add_argument("--norm", default=S, choices=NORMS, help=f"normalization after each conv {d('norm')}")

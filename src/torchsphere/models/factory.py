@@ -89,6 +89,8 @@ class LayerConfig:
         head_operator: operator of an angular head (None: ``"cosine"``); not allowed with ``"softmax"``.
         margin: angular margin m of ``"gasoftmax"`` (required, > 1); None or 1 for ``"wsoftmax"``.
         head_scale: fixed logit scale s of an angular head (None: s = |x|); not allowed with ``"softmax"``.
+        detach_margin: the angular head's margin changes the forward value only (OpenSphere's annealing-free
+            recipe, :class:`~torchsphere.nn.AngularHead`); needs ``"gasoftmax"``.
         head_bias: whether the ``"softmax"`` classifier has a bias (default False, the official bias-free score
             layer; True for torchvision's ``fc``); not allowed with the angular heads.
     """
@@ -103,6 +105,7 @@ class LayerConfig:
     head_operator: str | None = None
     margin: float | None = None
     head_scale: float | None = None
+    detach_margin: bool = False
     head_bias: bool = False
 
     def __post_init__(self) -> None:
@@ -127,6 +130,10 @@ class LayerConfig:
 
     def _check_head(self) -> None:
         check_bool("head_bias", self.head_bias)
+        check_bool("detach_margin", self.detach_margin)
+        if self.detach_margin and self.head != "gasoftmax":
+            raise ValueError(f"detach_margin applies only to head='gasoftmax' (a margin to detach); got "
+                             f"detach_margin=True with head={self.head!r}")
         if self.head_bias and self.head != "softmax":
             raise ValueError(f"head_bias applies only to head='softmax' (a linear classifier); the angular head "
                              f"{self.head!r} has no bias; got head_bias=True with head={self.head!r}")
@@ -175,7 +182,8 @@ class LayerConfig:
         if self.head == "softmax":
             return partial(nn.Linear, bias=self.head_bias)
         margin = 1.0 if self.head == "wsoftmax" else float(self.margin)
-        return partial(AngularHead, operator=self.head_operator or "cosine", margin=margin, scale=self.head_scale)
+        return partial(AngularHead, operator=self.head_operator or "cosine", margin=margin, scale=self.head_scale,
+                       detach_margin=self.detach_margin)
 
 
 def group_norm(num_channels: int, num_groups: int = GN_GROUPS) -> nn.GroupNorm:

@@ -41,10 +41,15 @@ def model_overrides(config: TrainConfig, num_classes: int, in_channels: int) -> 
                                   head=config.head, width_mult=config.width_mult)
     if config.head == "gasoftmax":
         kwargs["margin"] = config.margin
+        if config.detach_margin:
+            kwargs["detach_margin"] = True
+    if config.fc_norm:
+        kwargs["fc_norm"] = True
     if config.operator is not None:
         kwargs["operator"] = config.operator
     optional = {"sigmoid_k": config.sigmoid_k, "head_operator": config.head_operator,
-                "feature_dim": config.feature_dim, "widths": config.widths}
+                "feature_dim": config.feature_dim, "widths": config.widths,
+                "head_scale": config.head_scale}
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     if config.bn_momentum is not None:
         kwargs["bn_momentum"] = config.bn_momentum

@@ -43,6 +43,9 @@ class TrainConfig:
     head_operator: str | None = None      # operator of an angular head (None: cosine); not with softmax
     margin: float = 1.5                   # GA-Softmax margin m (multiplies the target angle; >= 1)
     anneal_lambda: bool = False           # A-Softmax lambda annealing (SphereFace) for the gasoftmax head
+    detach_margin: bool = False           # margin in the forward value only (OpenSphere), gasoftmax head
+    head_scale: float | None = None       # fixed logit scale s of an angular head (None: s = |x|)
+    fc_norm: bool = False                 # the model's norm after fc6 (plain nets; unbounded SphereNet features)
     norm: str = "bn"                      # bn | spherenorm | spherenorm+bn | none
     width_mult: float = 1.0               # channel multiplier (official widths 128/192/256)
     widths: tuple[int, ...] | None = None  # stage widths before width_mult; None: the model's (MHE CNN-9: 64/128/256)
@@ -189,6 +192,20 @@ class TrainConfig:
             raise ValueError(f"milestones must be increasing positive steps; got {self.milestones!r}")
         if self.anneal_lambda and self.head != "gasoftmax":
             raise ValueError(f"anneal_lambda needs head='gasoftmax'; got head={self.head!r}")
+        if self.detach_margin and self.head != "gasoftmax":
+            raise ValueError(f"detach_margin needs head='gasoftmax'; got head={self.head!r}")
+        if self.detach_margin and self.anneal_lambda:
+            raise ValueError("detach_margin and anneal_lambda are two alternative recipes for the margin; got both")
+        for name in ("anneal_lambda", "detach_margin", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        if self.head_scale is not None:
+            if self.head == "softmax":
+                raise ValueError(f"head_scale applies only to the angular heads 'wsoftmax' and 'gasoftmax'; got "
+                                 f"head_scale={self.head_scale!r} with head='softmax'")
+            if (isinstance(self.head_scale, bool) or not isinstance(self.head_scale, (int, float))
+                    or not math.isfinite(self.head_scale) or self.head_scale <= 0):
+                raise ValueError(f"head_scale must be a number > 0 or None; got {self.head_scale!r}")
         validate_sites(self)
         if self.partition is not None:
             from ..data.partitions import Partition

@@ -122,11 +122,16 @@ def convergence_count(results: list[ConfigResult], threshold: float) -> str:
             f"fewer mean steps than {base.name}" + (f": {', '.join(faster)}." if faster else "."))
 
 
-def section_e1(exp: Loaded, images: Path) -> list[str]:
+def comparison(exp: Loaded) -> list[str]:
+    """The compare table, the verdicts against the first configuration and the convergence counts."""
     results = list(exp.results.values())
     out = [markdown_table(table_rows(results, exp.spec.thresholds)), ""]
     out += vs_baseline(results, exp.spec.thresholds) + [""]
-    out += [convergence_count(results, t) for t in exp.spec.thresholds]
+    return out + [convergence_count(results, t) for t in exp.spec.thresholds]
+
+
+def section_e1(exp: Loaded, images: Path) -> list[str]:
+    out = comparison(exp)
     image = copy_png(exp.folder / "convergence.png", images, "e1_e2_convergence.png")
     out += ["", "### E2: convergence curves", ""]
     out += [f"![E1/E2 convergence]({image})" if image else "(convergence plot missing)", "",
@@ -266,6 +271,10 @@ SECTIONS = {"e1_operators_heads": ("E1: operators × heads", section_e1),
             "e5_regularizers": ("E5: regularizers", section_e5),
             "e6_feature_geometry": ("E6: feature geometry", section_e6),
             "e8_convergence_bn": ("E8: convergence decomposed — optimization vs evaluation", section_e8),
+            "e1b_margins": ("E1b: angular margins at fair settings (training runs)",
+                            lambda exp, images: comparison(exp)
+                            + ["", "The training- and eval-mode accuracies, feature norms and angles, and the "
+                               "verdicts: section E1b below."]),
             "e4b_gradient_flow": ("E4b: deep plain networks at widths / 4, 1,500 steps of batch 128 (training runs)",
                                   lambda exp, images: section_e4(exp, images, label="E4b")
                                   + ["", "The gradient-flow diagnostic and the discussion: section E4b below."])}

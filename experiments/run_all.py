@@ -79,13 +79,33 @@ def _e4b_page(folder: Path) -> None:
     e4b_gradient_flow.main(["--output", str(folder.parent)])
 
 
+def _e8b_page(folder: Path) -> None:
+    """E8b's page (learnable vs fixed SphereConv, learned k per layer) from E8's runs; the real grid only."""
+    if folder.parent.resolve() != DEFAULT_OUTPUT.resolve():
+        return
+    import e8b_learnable_k
+
+    e8b_learnable_k.main([str(folder)])
+
+
+def _e1b_page(folder: Path) -> None:
+    """E1b's margin statistics (training- and eval-mode accuracies, feature norms, angles) from the final weights
+    and its page docs/results/e1b_margins.md; the real grid only."""
+    if folder.parent.resolve() != DEFAULT_OUTPUT.resolve():
+        return
+    import e1b_margins
+
+    e1b_margins.main([str(folder)])
+
+
 EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("e1_operators_heads", "e1_operators_heads.yaml"),
     Experiment("e3_norm_batch", "e3_norm_batch.yaml"),
     Experiment("e4_deep_plain", "e4_deep_plain.yaml"),
     Experiment("e5_regularizers", "e5_regularizers.yaml"),
     Experiment("e6_feature_geometry", "e6_feature_geometry.yaml", after=_feature_plots),
-    Experiment("e8_convergence_bn", "e8_convergence_bn.yaml"),
+    Experiment("e8_convergence_bn", "e8_convergence_bn.yaml", after=_e8b_page),
+    Experiment("e1b_margins", "e1b_margins.yaml", after=_e1b_page),
     # last: its 60 training runs are many CPU-hours (docs/results/e4b_gradient_flow.md states what remains)
     Experiment("e4b_gradient_flow", "e4b_gradient_flow.yaml", after=_e4b_page,
                quick=dict(width_mult=1 / 32, batch_size=8)),

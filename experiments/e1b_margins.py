@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import statistics
@@ -101,7 +102,9 @@ def run_statistics(run_dir: Path) -> dict[str, float]:
 
 
 def collect(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """{configuration: {seed: statistics}} of every finished run, reusing ``margins.json`` entries."""
+    """{configuration: {seed: statistics}} of every finished run. Entries of ``margins.json`` are reused while the
+    run's ``summary.json`` is unchanged (its SHA-256), so a clone with the committed text files, without the weights,
+    regenerates the page."""
     path = folder / METRICS
     cached = json.loads(path.read_text()) if path.is_file() else {}
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -110,10 +113,10 @@ def collect(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
             if not (seed_dir / "summary.json").is_file():
                 continue
             seed = seed_dir.name.split("_", 1)[1]
-            stamp = (seed_dir / "summary.json").stat().st_mtime
+            stamp = hashlib.sha256((seed_dir / "summary.json").read_bytes()).hexdigest()
             entry = cached.get(name, {}).get(seed)
-            if entry is None or entry.get("summary_mtime") != stamp:
-                entry = {**run_statistics(seed_dir), "summary_mtime": stamp}
+            if entry is None or entry.get("summary_sha256") != stamp:  # the weights are needed only here
+                entry = {**run_statistics(seed_dir), "summary_sha256": stamp}
             out.setdefault(name, {})[seed] = entry
     return out
 

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchsphere.train.checkpoint import atomic_write, atomic_write_bytes, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_FOLDER = HERE.parent / "reports" / "experiments" / "e1b_margins"
 PAGE = HERE.parent / "docs" / "results" / "e1b_margins.md"
@@ -235,10 +237,8 @@ def plot(stats: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     right.grid(alpha=0.3)
     fig.suptitle("E1b: margins on Fashion-MNIST, 3,000 steps of batch 128, widths / 16 (mean over seeds)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,17 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     if not stats:
         print(f"no finished run under {args.folder}/runs", file=sys.stderr)
         return 1
-    tmp = args.folder / (METRICS + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1) + "\n")
-    tmp.replace(args.folder / METRICS)
+    atomic_write_text(args.folder / METRICS, json.dumps(stats, indent=1) + "\n")
     plot(stats, args.folder / FIGURE)
-    args.page.parent.mkdir(parents=True, exist_ok=True)
     figure = args.page.parent / "e1b_margins.png"
-    figure.write_bytes((args.folder / FIGURE).read_bytes())
+    atomic_write_bytes(figure, (args.folder / FIGURE).read_bytes())
     text = "\n".join(page(stats, figure.name)) + "\n"
-    tmp_page = args.page.with_suffix(".md.tmp")
-    tmp_page.write_text(text)
-    tmp_page.replace(args.page)
+    atomic_write_text(args.page, text)
     print(text)
     return 0
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from torchsphere.train.checkpoint import atomic_write, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_FOLDER = HERE.parent / "reports" / "experiments" / "e8_convergence_bn"
 PAGE = HERE.parent / "docs" / "results" / "e8b_learnable_k.md"
@@ -101,10 +103,8 @@ def plot(per_seed: list[list[tuple[str, torch.Tensor]]], path: Path, initial_k: 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def page(folder: Path, image: str, per_seed: list[list[tuple[str, torch.Tensor]]]) -> list[str]:
@@ -129,7 +129,8 @@ def page(folder: Path, image: str, per_seed: list[list[tuple[str, torch.Tensor]]
         summaries = []
         for label, ks in groups.items():
             k = torch.cat(ks)
-            summaries.append(f"{label} ({k.numel() // len(per_seed)} channels per model): median {float(k.quantile(0.5)):.3f}, "
+            summaries.append(f"{label} ({k.numel() // len(per_seed)} channels per model): median "
+                             f"{float(k.quantile(0.5)):.3f}, "
                              f"quartiles {float(k.quantile(0.25)):.3f} – {float(k.quantile(0.75)):.3f}, range "
                              f"{float(k.min()):.3f} – {float(k.max()):.3f}")
         lines += [f"![learned k per layer]({image})", "",
@@ -168,12 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     config = TrainConfig.from_yaml(seeds[0] / "config.yaml")
     initial = config.sigmoid_k if config.sigmoid_k is not None else 0.75
-    args.page.parent.mkdir(parents=True, exist_ok=True)
     plot(per_seed, args.page.parent / FIGURE, initial)
     text = "\n".join(page(args.folder, FIGURE, per_seed)) + "\n"
-    tmp = args.page.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.page)
+    atomic_write_text(args.page, text)
     print(text)
     return 0
 

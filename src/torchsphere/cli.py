@@ -18,11 +18,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .commands.arguments import (NONNEG_INT, NOT_CONFIG, POS_INT, SETUP_ERRORS, add_train_arguments, check_names,
-                                 str_list, train_config)
+from .commands.arguments import (NONNEG_INT, NOT_CONFIG, POS_INT, SETUP_ERRORS, add_model_list_arguments,
+                                 add_train_arguments, check_model_list, check_names, str_list, train_config)
 from .commands.curves import add_curves_parser, run_curves_command
 from .commands.gradflow import add_gradflow_parser, run_gradflow_command
-from .functional._checks import OPERATORS
 from .train.config import DEVICES
 
 __all__ = ["add_train_arguments", "build_parser", "main", "train_config"]
@@ -47,11 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "report.md (final / best-on-val test accuracy, mean ± std, steps to accuracy, time per step) "
                        "and convergence.png. Train flags override the preset for every configuration.")
     p.add_argument("--preset", metavar="NAME|YAML", help="a shipped preset (demo, ...) or a compare YAML file")
-    p.add_argument("--models", type=str_list, metavar="M1,M2", help="models to compare (the first is the baseline)")
-    p.add_argument("--operators", type=str_list, metavar="OP1,OP2",
-                   help=f"operators for the *sphere* models, from {list(OPERATORS)}")
+    add_model_list_arguments(p)
     p.add_argument("--seeds", type=POS_INT, metavar="N", help="seeds 0..N-1 per configuration")
-    p.add_argument("--thresholds", type=str_list, metavar="A1,A2", help="accuracies for 'steps to reach' (e.g. 0.8,0.9)")
+    p.add_argument("--thresholds", type=str_list, metavar="A1,A2",
+                   help="accuracies for 'steps to reach' (e.g. 0.8,0.9)")
     p.add_argument("--output", required=True, metavar="DIR", help="report folder, e.g. reports/NAME")
     add_train_arguments(p, for_compare=True)
 
@@ -157,15 +155,11 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if thresholds:
                 spec.thresholds = thresholds
         elif args.models:
-            for model in args.models:
-                check_names({"model": model}, parser)
+            check_model_list(args, parser)
             if "operator" in overrides:
                 parser.error(f"--operator {overrides['operator']!r} would set the operator of every configuration "
                              f"({', '.join(args.models)}); use --operators OP1,OP2 to give the sphere models one "
                              f"configuration per operator (plain models stay plain)")
-            for op in args.operators or []:
-                if op not in OPERATORS:
-                    parser.error(f"unknown operator {op!r}; choose from {list(OPERATORS)}")
             spec = spec_from_models(args.models, args.operators, args.seeds or 1, {}, thresholds or [0.8, 0.9])
         else:
             parser.error("give --preset NAME or --models M1,M2")

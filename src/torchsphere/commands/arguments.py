@@ -68,6 +68,23 @@ def flag(group, name: str, help: str) -> None:
                        help=f"{help} (default: {DEFAULTS[name[2:].replace('-', '_')]})")
 
 
+def add_model_list_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--models M1,M2`` and ``--operators OP1,OP2`` of the commands that build configurations from models."""
+    parser.add_argument("--models", type=str_list, metavar="M1,M2",
+                        help="models to compare (the first is the baseline)")
+    parser.add_argument("--operators", type=str_list, metavar="OP1,OP2",
+                        help=f"operators for the *sphere* models, from {list(OPERATORS)}")
+
+
+def check_model_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every model of ``--models`` registered and every operator of ``--operators`` known, else ``parser.error``."""
+    for model in args.models:
+        check_names({"model": model}, parser)
+    for op in args.operators or []:
+        if op not in OPERATORS:
+            parser.error(f"unknown operator {op!r}; choose from {list(OPERATORS)}")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, *, for_compare: bool = False,
                         for_curves: bool = False) -> None:
     """The TrainConfig flags. Defaults are suppressed so that only the flags given override the YAML/preset.

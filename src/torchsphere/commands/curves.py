@@ -6,10 +6,9 @@ import argparse
 import math
 import os
 
-from ..functional._checks import OPERATORS
 from ..train.config import load_yaml
-from .arguments import (NONNEG_FLOAT, NONNEG_INT, NOT_CONFIG, POS_FLOAT, POS_INT, add_train_arguments, check_names,
-                        int_list, number, str_list)
+from .arguments import (NONNEG_FLOAT, NONNEG_INT, NOT_CONFIG, POS_FLOAT, POS_INT, add_model_list_arguments,
+                        add_train_arguments, check_model_list, check_names, int_list, number)
 
 
 _CURVES_KEYS = {"spec", "models", "operators", "output", "num_sizes", "reps", "N", "split_seed", "min_steps",
@@ -48,9 +47,7 @@ def add_curves_parser(sub) -> None:
         "Budget: --steps S for every partition, or max(--min-steps, ceil(--epochs x n x C / batch)). "
         "See docs/learning_curves.md.")
     p.add_argument("--spec", metavar="YAML", help="a curves YAML file (title, train, runs, num_sizes, reps, ...)")
-    p.add_argument("--models", type=str_list, metavar="M1,M2", help="models to compare (the first is the baseline)")
-    p.add_argument("--operators", type=str_list, metavar="OP1,OP2",
-                   help=f"operators for the *sphere* models, from {list(OPERATORS)}")
+    add_model_list_arguments(p)
     p.add_argument("--output", required=True, metavar="DIR", help="report folder, e.g. reports/NAME")
     g = p.add_argument_group("measurement protocol")
     g.add_argument("--num-sizes", type=POS_INT, default=S, metavar="K", help="sizes N, N/2, ..., N/2^(K-1) per "
@@ -104,11 +101,7 @@ def run_curves_command(args: argparse.Namespace, parser: argparse.ArgumentParser
                 spec_values.pop("steps", None)
             spec = CurvesSpec.from_dict({**spec_values, **options})
         elif args.models:
-            for model in args.models:
-                check_names({"model": model}, parser)
-            for op in args.operators or []:
-                if op not in OPERATORS:
-                    parser.error(f"unknown operator {op!r}; choose from {list(OPERATORS)}")
+            check_model_list(args, parser)
             runs = spec_from_models(args.models, args.operators, 1, {}, [0.8]).runs
             spec = CurvesSpec.from_dict({"runs": runs, **options})
         else:

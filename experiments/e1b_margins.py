@@ -13,7 +13,9 @@ and computes from its final weights, on the fixed 2,000-image test subset and on
   without BN, whose cosine outputs lie in [-1, 1]);
 - the **angles** between a feature and the class weights W_j: the target angle theta_y, the nearest other angle
   min_{j != y} theta_j, and their gap (positive: the feature is angularly closer to its own class than to any other);
-  a margin is meant to widen that gap.
+  a margin is meant to widen that gap;
+- the smallest and the median **angle between two class weights**, which shows a classifier whose classes have
+  collapsed into a narrow cone.
 
 It writes ``margins.json`` and ``margins.png`` into the experiment folder and the page
 ``docs/results/e1b_margins.md`` (spliced into docs/results.md), each configuration with the seeds it has.
@@ -50,7 +52,7 @@ MIN_SEEDS = 3        # a verdict needs this many seeds on both sides
 # (configuration, its softmax baseline) for the verdicts; the W-Softmax of the same net is the second reference
 BASELINES = {"sphere": ("sphere-softmax", "sphere-wsoftmax"), "cnn9": ("cnn9-softmax", "cnn9-wsoftmax")}
 STAT_KEYS = ("test_eval", "test_train", "train_eval", "train_train", "feature_norm", "theta_target", "theta_other",
-             "theta_gap")
+             "theta_gap", "weight_angle_min", "weight_angle_median")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -69,6 +71,16 @@ def angle_statistics(features: Tensor, weight: Tensor, labels: Tensor) -> dict[s
     other = theta.scatter(1, labels[:, None], math.inf).min(dim=1).values
     return {"feature_norm": float(norms.mean()), "theta_target": float(target.mean()),
             "theta_other": float(other.mean()), "theta_gap": float((other - target).mean())}
+
+
+def class_weight_angles(weight: Tensor) -> dict[str, float]:
+    """Smallest and median angle (degrees) between two class weights W_i, W_j, i != j, in float64: how far apart the
+    classifier keeps its classes (90 for orthogonal weights; a collapse into a narrow cone shows as small angles)."""
+    w = weight.double()
+    units = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    theta = torch.rad2deg(torch.acos((units @ units.T).clamp(-1.0, 1.0)))
+    pairs = theta[torch.triu(torch.ones_like(theta, dtype=torch.bool), diagonal=1)]
+    return {"weight_angle_min": float(pairs.min()), "weight_angle_median": float(pairs.median())}
 
 
 def _accuracy(model: torch.nn.Module, x: Tensor, y: Tensor) -> float:
@@ -95,7 +107,9 @@ def run_statistics(run_dir: Path) -> dict[str, float]:
     with torch.no_grad():
         features = torch.cat([run.model.forward_features(data.test_x[i:i + 500])
                               for i in range(0, data.test_y.numel(), 500)])
-    out.update(angle_statistics(features, _classifier_weight(run.model), data.test_y))
+    weight = _classifier_weight(run.model)
+    out.update(angle_statistics(features, weight, data.test_y))
+    out.update(class_weight_angles(weight))
     summary = json.loads((run_dir / "summary.json").read_text())
     out["final_test"] = summary["final"]["test_acc"]
     out["best_test"] = summary["best"]["test_acc"]
@@ -117,7 +131,8 @@ def collect(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
             seed = seed_dir.name.split("_", 1)[1]
             stamp = hashlib.sha256((seed_dir / "summary.json").read_bytes()).hexdigest()
             entry = cached.get(name, {}).get(seed)
-            if entry is None or entry.get("summary_sha256") != stamp:  # the weights are needed only here
+            if (entry is None or entry.get("summary_sha256") != stamp
+                    or not set(STAT_KEYS) <= set(entry)):  # the weights are needed only here
                 entry = {**run_statistics(seed_dir), "summary_sha256": stamp}
             out.setdefault(name, {})[seed] = entry
     return out
@@ -171,16 +186,19 @@ def page(stats: dict[str, dict[str, dict[str, float]]], image: str | None) -> li
              "`test (eval)` is the reported number (BN running statistics); `test (train)` and `train (train)` use "
              "BN in training mode (batch statistics of 128 images), `train (eval)` the running statistics on the "
              "fixed 1,000 training images. Angles in degrees on the test set: theta_y to the own class weight, "
-             "theta_other to the nearest other class, gap = theta_other − theta_y.", ""]
+             "theta_other to the nearest other class, gap = theta_other − theta_y; W angle: the smallest and the median "
+             "angle between two class weights (mean over seeds; 90 for orthogonal classes).", ""]
     header = ["configuration", "seeds", "test (eval)", "test (train)", "train (eval)", "train (train)",
-              "best-on-val test", "feature norm", "theta_y", "theta_other", "gap"]
+              "best-on-val test", "feature norm", "theta_y", "theta_other", "gap", "W angle min / median"]
     rows = [header, ["---"] * len(header)]
     for name, per_seed in stats.items():
         rows.append([name, str(len(per_seed)), _cell(_values(per_seed, "test_eval")),
                      _cell(_values(per_seed, "test_train")), _cell(_values(per_seed, "train_eval")),
                      _cell(_values(per_seed, "train_train")), _cell(_values(per_seed, "best_test")),
                      _cell(_values(per_seed, "feature_norm"), 1, 2), _cell(_values(per_seed, "theta_target"), 1, 1),
-                     _cell(_values(per_seed, "theta_other"), 1, 1), _cell(_values(per_seed, "theta_gap"), 1, 1)])
+                     _cell(_values(per_seed, "theta_other"), 1, 1), _cell(_values(per_seed, "theta_gap"), 1, 1),
+                     f"{_mean_std(_values(per_seed, 'weight_angle_min'))[0]:.0f} / "
+                     f"{_mean_std(_values(per_seed, 'weight_angle_median'))[0]:.0f}"])
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     if image:
         lines += [f"![E1b margins]({image})", ""]

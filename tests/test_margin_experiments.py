@@ -89,6 +89,17 @@ def test_angle_statistics_hand_computed():
     assert wrong["theta_gap"] == pytest.approx(-50.0, abs=1e-9)
 
 
+def test_class_weight_angles_hand_computed():
+    """Weights at 0, 90 and 180 degrees in the plane (any norms): pairwise 90, 180, 90."""
+    weight = torch.tensor([[2.0, 0.0], [0.0, 0.1], [-7.0, 0.0]], dtype=torch.float64)
+    stats = e1b_margins.class_weight_angles(weight)
+    assert stats == pytest.approx({"weight_angle_min": 90.0, "weight_angle_median": 90.0}, abs=1e-6)
+    cone = torch.tensor([[1.0, 0.0], [math.cos(0.1), math.sin(0.1)], [math.cos(0.3), math.sin(0.3)]])
+    stats = e1b_margins.class_weight_angles(cone)
+    assert stats["weight_angle_min"] == pytest.approx(math.degrees(0.1), abs=1e-4)
+    assert stats["weight_angle_median"] == pytest.approx(math.degrees(0.2), abs=1e-4)
+
+
 def test_angle_statistics_survive_zero_features_and_exact_alignment():
     weight = torch.eye(3, dtype=torch.float64)
     features = torch.tensor([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]], dtype=torch.float64)

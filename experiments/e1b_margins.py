@@ -95,6 +95,7 @@ def run_statistics(run_dir: Path) -> dict[str, float]:
     from torchsphere.train.inference import load_run
 
     run = load_run(run_dir)
+    run.model.requires_grad_(False)  # inference: SphereConv runs its eager kernels instead of compiling new ones
     data = build_data(run.config)
     generator = torch.Generator().manual_seed(mix_seed(run.config.seed, TRAIN_EVAL_SALT))
     index = torch.randperm(data.train_y.numel(), generator=generator)[:run.config.train_eval_size]
@@ -131,10 +132,13 @@ def collect(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
             seed = seed_dir.name.split("_", 1)[1]
             stamp = hashlib.sha256((seed_dir / "summary.json").read_bytes()).hexdigest()
             entry = cached.get(name, {}).get(seed)
-            if (entry is None or entry.get("summary_sha256") != stamp
-                    or not set(STAT_KEYS) <= set(entry)):  # the weights are needed only here
+            fresh = (entry is None or entry.get("summary_sha256") != stamp or not set(STAT_KEYS) <= set(entry))
+            if fresh:  # the weights are needed only here
                 entry = {**run_statistics(seed_dir), "summary_sha256": stamp}
             out.setdefault(name, {})[seed] = entry
+            if fresh:  # saved as it goes: a long first pass that is interrupted keeps what it computed
+                cached.setdefault(name, {})[seed] = entry
+                atomic_write_text(path, json.dumps(cached, indent=1) + "\n")
     return out
 
 
@@ -265,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the experiment folder (default {DEFAULT_FOLDER})")
     parser.add_argument("--page", type=Path, default=PAGE, help=f"the page written (default {PAGE})")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # small batches: more threads only add synchronization, badly so on a busy machine
     stats = collect(args.folder)
     if not stats:
         print(f"no finished run under {args.folder}/runs", file=sys.stderr)
         return 1
-    atomic_write_text(args.folder / METRICS, json.dumps(stats, indent=1) + "\n")
+    atomic_write_text(args.folder / METRICS, json.dumps(stats, indent=1) + "\n")  # finished runs only
     plot(stats, args.folder / FIGURE)
     figure = args.page.parent / "e1b_margins.png"
     atomic_write_bytes(figure, (args.folder / FIGURE).read_bytes())

@@ -31,7 +31,7 @@ data:
 demo: $(STAMP) data
 	$(PY) -m torchsphere compare --preset demo --output reports/demo
 
-# the issue-7 experiments (Fashion-MNIST, about 2.7 CPU hours) and docs/results.md; resumable, see experiments/README.md
+# the experiments of experiments/README.md (Fashion-MNIST, many CPU hours) and docs/results.md; resumable, see experiments/README.md
 results: $(STAMP) data
 	$(PY) experiments/run_all.py --jobs 2
 

@@ -228,7 +228,7 @@ def finish_experiment(experiment: Experiment, output: Path, quick: bool, data_di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the issue-7 experiments and regenerate docs/results.md.")
+    parser = argparse.ArgumentParser(description="Run the experiments of experiments/README.md and regenerate docs/results.md.")
     parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME",
                         help=f"run only this experiment (repeatable); one of {NAMES}")
     parser.add_argument("--quick", action="store_true", help="smoke test: every configuration, 1 seed, 4 steps on "

@@ -17,7 +17,7 @@ TOL = {
     torch.float32: (1e-5, 1e-5),
     torch.float64: (1e-7, 1e-10),
 }
-# absolute tolerance of the ops against their slow float64 references (issue 2)
+# absolute tolerance of the ops against their slow float64 references
 REF_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # float32 dg/dc recovered from the saved output (memory_efficient=True) vs the float64 gradient, as a fraction of
 # the largest |dg/dc| of the operator (measured: at most 2e-4; see torchsphere.functional.fused, item 5)

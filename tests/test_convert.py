@@ -1,4 +1,4 @@
-"""convert_to_sphere / revert_from_sphere on local models and, when installed, timm (issue 4).
+"""convert_to_sphere / revert_from_sphere on local models and, when installed, timm.
 
 The converted layers must compute what the functional ops compute on the original weights; revert must restore the
 original outputs exactly; converting twice equals converting once.

@@ -1,4 +1,4 @@
-"""The reproduction machinery of issue 7: CIFAR presets, experiment specs, ``experiments/run_all.py``.
+"""The reproduction machinery: CIFAR presets, experiment specs, ``experiments/run_all.py``.
 
 Every CIFAR preset runs each of its configurations for a few steps at a tiny width on small CIFAR-10 / CIFAR-100
 datasets written here in the standard pickle layout (``cifar-10-batches-py``, ``cifar-100-python``); every experiment

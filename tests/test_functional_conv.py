@@ -1,4 +1,4 @@
-"""SphereConv functional core against a slow, obviously-correct float64 reference (issue 2).
+"""SphereConv functional core against a slow, obviously-correct float64 reference.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). The reference extracts every input patch
 explicitly (``Tensor.unfold`` along each spatial dim, then a dilation stride), computes

@@ -1,4 +1,4 @@
-"""The fused SphereConv path (issue 8) against the eager reference composition and finite differences.
+"""The fused SphereConv path against the eager reference composition and finite differences.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). ``impl="fused"`` (the default) must give
 the same values and gradients as ``impl="reference"``: float64 to 1e-10, float32 to 1e-5 (``REF_ATOL``), in both

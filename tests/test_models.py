@@ -1,4 +1,4 @@
-"""Model zoo: every registered model trains and evaluates, official sizes and layouts, layer choices (issue 4).
+"""Model zoo: every registered model trains and evaluates, official sizes and layouts, layer choices.
 
 Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189); official SphereNet-9 / CNN-9 and
 SphereResNet-32 of wy1iu/SphereNet (reference ``spherenet.md`` sections 6-7).
@@ -151,7 +151,7 @@ def test_operator_choice_reaches_every_conv(operator):
     if operator == "conv":
         assert all(type(m) is nn.Conv2d for m in convs)
     else:
-        # the architectures apply no in-place op to a conv output, so their layers save the output (issue 8)
+        # the architectures apply no in-place op to a conv output, so their layers save the output
         assert all(type(m) is SphereConv2d and m.operator == operator and m.memory_efficient for m in convs)
     _train_step_checks(model.to(DEVICE), *_batch())  # learnable_sigmoid: every k receives a gradient too
 

@@ -1,4 +1,4 @@
-"""Model registry: registration, look-up, patterns and the errors of each (issue 4)."""
+"""Model registry: registration, look-up, patterns and the errors of each."""
 from __future__ import annotations
 
 import pytest

@@ -138,7 +138,7 @@ def test_regularizers_and_official_loss_run(tmp_path):
 
 
 def test_mhe_regularizer_is_added(tmp_path):
-    pytest.importorskip("torchsphere.regularizers", reason="torchsphere.regularizers (issue 5) not available")
+    pytest.importorskip("torchsphere.regularizers", reason="torchsphere.regularizers not available")
     summary = train(tiny(tmp_path, steps=8, regularizer="mhe", reg_lambda_hidden=1e-3, reg_lambda_output=1e-3))
     assert math.isfinite(summary["final"]["test_loss"])
 

@@ -139,7 +139,6 @@ def train_subset(output: Path, names: list[str], seeds: list[int] | None, overri
                  log=print) -> int:
     """Trains (or resumes) the chosen runs of the training part in this process; returns how many."""
     import run_all
-    from torchsphere.train.checkpoint import atomic_write_text
 
     configs = _configs(output, overrides)
     unknown = sorted(set(names) - set(configs))
@@ -147,21 +146,33 @@ def train_subset(output: Path, names: list[str], seeds: list[int] | None, overri
         raise ValueError(f"unknown configuration(s) {unknown}; choose from {sorted(configs)}")
     todo = [c for n in names for c in configs[n] if seeds is None or c.seed in seeds]
     todo = [c for c in todo if run_all.run_state(c) != "done"]
-    cpu_path = output / NAME / CPU_FILE
-    cpu_log = json.loads(cpu_path.read_text()) if cpu_path.is_file() else {}
     wall = time.perf_counter()
     try:
         for config in todo:
             start = time.process_time()
             log(f"train {config.output}", flush=True)
             run_all._train_one(config)
-            key = str(Path(config.output).relative_to(output / NAME))
-            cpu_log[key] = round(cpu_log.get(key, 0.0) + time.process_time() - start, 1)
-            atomic_write_text(cpu_path, json.dumps(cpu_log, indent=2, sort_keys=True) + "\n")
+            add_cpu_time(output, config, time.process_time() - start)
     finally:
         if todo:
             run_all.add_wall_time(output / NAME, time.perf_counter() - wall, 1)
     return len(todo)
+
+
+def add_cpu_time(output: Path, config, seconds: float) -> None:
+    """Adds a run's process CPU seconds to the driver's CPU log, under a file lock and with the log read afresh, so
+    that several processes training runs of this experiment at once do not lose each other's entries."""
+    import fcntl
+
+    from torchsphere.train.checkpoint import atomic_write_text
+
+    cpu_path = output / NAME / CPU_FILE
+    key = str(Path(config.output).relative_to(output / NAME))
+    with open(cpu_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cpu_log = json.loads(cpu_path.read_text()) if cpu_path.is_file() else {}
+        cpu_log[key] = round(cpu_log.get(key, 0.0) + seconds, 1)
+        atomic_write_text(cpu_path, json.dumps(cpu_log, indent=2, sort_keys=True) + "\n")
 
 
 def training_state(output: Path, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:

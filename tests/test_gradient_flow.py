@@ -332,3 +332,31 @@ def test_e4b_driver_smoke(tmp_path):
     assert sorted({r["step"] for r in diag["cnn9-none"]["rows"]}) == [0, 1]
     assert diag["cnn9-none"]["info"]["measured_steps"] == 3 and not logs
     assert e4b.main(argv) == 0 and "Kept." in page.read_text()
+
+
+def test_e4b_cpu_log_keeps_every_writer(tmp_path):
+    """Writers that update the CPU log at the same time lose no entry and no addition (a file lock, a fresh read)."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import e4b_gradient_flow as e4b
+
+    (tmp_path / e4b.NAME).mkdir()
+    runs = tmp_path / e4b.NAME / "runs"
+
+    def writer(i: int) -> None:
+        for j in range(20):
+            e4b.add_cpu_time(tmp_path, SimpleNamespace(output=str(runs / f"w{i}" / f"seed_{j}")), 1.5)
+            e4b.add_cpu_time(tmp_path, SimpleNamespace(output=str(runs / "shared" / "seed_0")), 0.5)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log = json.loads((tmp_path / e4b.NAME / e4b.CPU_FILE).read_text())
+    assert len(log) == 4 * 20 + 1
+    assert log["runs/shared/seed_0"] == 4 * 20 * 0.5
+    assert all(log[f"runs/w{i}/seed_{j}"] == 1.5 for i in range(4) for j in range(20))

@@ -46,6 +46,8 @@ DIAG_EVERY = 1
 DIAG_DIR = "gradflow"
 CPU_FILE = "train_cpu.json"  # process CPU seconds of the runs trained by this driver
 DISCUSSION = re.compile(r"<!-- human-discussion:start -->.*?<!-- human-discussion:end -->", re.S)
+EARLY_FRACTION = 1 / 3  # the "easier optimization" claim read early: the training loss at the first evaluation
+                        # after a third of the budget (step 500 of 1,500)
 TRAINS_AT = 0.5  # as E4: a run "trains" when its final test accuracy reaches 50% (chance 10%)
 DECADE = 10.0  # a gradient ratio beyond 10x between the first and the last conv layer is called vanishing/exploding
 sys.path.insert(0, str(HERE))
@@ -296,6 +298,78 @@ def plot_effective_lr(diag: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def early_step(steps: int, eval_every: int) -> int:
+    """The first evaluation step at or after ``EARLY_FRACTION`` of the budget."""
+    return min(steps, eval_every * math.ceil(EARLY_FRACTION * steps / eval_every))
+
+
+def run_measures(run: Path, early: int) -> dict[str, Any]:
+    """A finished run's numbers: final and best-on-val test accuracy, training loss (train mode) at step ``early``
+    and at the end, training accuracy in eval mode at the end, wall seconds per step."""
+    from torchsphere.train.metrics import METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
+
+    summary = read_summary(run / SUMMARY_FILE)
+    rows = [r for r in read_metrics(run / METRICS_FILE) if r["step"] > 0]
+    at_early = [r for r in rows if r["step"] == early]
+    if not at_early:
+        raise ValueError(f"{str(run)!r}: metrics.csv has no evaluation at step {early}")
+    return {"test_acc": summary["final"]["test_acc"], "best_test_acc": summary["best"]["test_acc"],
+            "early_loss": at_early[0]["train_loss"], "train_loss": rows[-1]["train_loss"],
+            "train_eval_acc": rows[-1].get("train_eval_acc", math.nan),
+            "time_per_step_s": summary["time_per_step_s"], "curve": [(r["step"], r["train_loss"]) for r in rows]}
+
+
+def noise_word(a: list[float], b: list[float]) -> str:
+    """\"higher\"/\"lower\" (mean of ``a`` against ``b``) when the difference exceeds the sum of the two standard
+    deviations, else \"within noise\"; no verdict with fewer than 2 values on either side."""
+    if min(len(a), len(b)) < 2:
+        return "one seed: no verdict"
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if abs(diff) > statistics.stdev(a) + statistics.stdev(b):
+        return "higher" if diff > 0 else "lower"
+    return "within noise"
+
+
+def plot_training(finished: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({split_name(n)[1] for n, runs in finished.items() if runs})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True, squeeze=False)
+    colors = {d: plt.get_cmap("viridis")(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+    for col, norm in enumerate(("bn", "none")):
+        ax = axes[0][col]
+        for name, runs in finished.items():
+            fam, depth, nrm = split_name(name)
+            if nrm != norm or not runs:
+                continue
+            steps = [s for s, _ in runs[0]["curve"]]
+            values = [[v for _, v in r["curve"]] for r in runs]
+            mean = [statistics.fmean(v[i] for v in values) for i in range(len(steps))]
+            style = "-" if fam == "SphereNet" else "--"
+            ax.plot(steps, mean, style, color=colors[depth], label=f"{fam}-{depth} ({len(runs)} seeds)")
+            ax.fill_between(steps, [min(v[i] for v in values) for i in range(len(steps))],
+                            [max(v[i] for v in values) for i in range(len(steps))], color=colors[depth], alpha=0.12)
+        ax.set_title("BN" if norm == "bn" else "no normalization")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("training loss (train mode)")
+    fig.suptitle("E4b: training loss, SphereNet-N (solid) vs CNN-N (dashed), 1,500 steps of batch 128")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 # ---------------------------------------------------------------------------------------------- the page
 def _pct(values: list[float]) -> str:
     if not values:
@@ -306,7 +380,6 @@ def _pct(values: list[float]) -> str:
 
 
 def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = DIAG_STEPS) -> str:
-    from torchsphere.train.metrics import SUMMARY_FILE, read_summary
     from torchsphere.train.report import markdown_table
 
     diag = load_diagnostic(output, steps)
@@ -387,65 +460,93 @@ def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = 
     # (b) training
     lines += ["### (b) Training: 1,500 steps of batch 128", ""]
     cpu_log = json.loads((output / NAME / CPU_FILE).read_text()) if (output / NAME / CPU_FILE).is_file() else {}
-    rows = [["configuration", "seeds finished", "final test %", "best-on-val test %", f"trains (≥ {TRAINS_AT:.0%})",
+    early = early_step(state[names[0]]["steps"], state[names[0]]["eval_every"]) if names else 0
+    finished = {name: [run_measures(Path(d), early) for d in state[name]["done"]] for name in names}
+    rows = [["configuration", "seeds", f"train loss @ {early} (train mode)", "final train loss (train mode)",
+             "train acc % (eval mode)", "final test % (eval mode)", "best-on-val test %", f"trains (≥ {TRAINS_AT:.0%})",
              "s / step", "CPU-min per run"]]
-    finished: dict[str, list[dict[str, Any]]] = {}
     for name in names:
-        summaries = [read_summary(Path(d) / SUMMARY_FILE) for d in state[name]["done"]]
-        finished[name] = summaries
-        if not summaries:
+        runs = finished[name]
+        if not runs:
             continue
         cpus = [cpu_log[k] for k in cpu_log if k.startswith(f"runs/{name}/")]
-        rows.append([name, f"{len(summaries)}/{len(summaries) + len(state[name]['missing'])}",
-                     _pct([s["final"]["test_acc"] for s in summaries]), _pct([s["best"]["test_acc"] for s in summaries]),
-                     f"{sum(s['final']['test_acc'] >= TRAINS_AT for s in summaries)}/{len(summaries)}",
-                     f"{statistics.fmean(s['time_per_step_s'] for s in summaries):.2f}",
+        rows.append([name, f"{len(runs)}/{len(runs) + len(state[name]['missing'])}",
+                     _mean_std([r["early_loss"] for r in runs], 3), _mean_std([r["train_loss"] for r in runs], 3),
+                     _pct([r["train_eval_acc"] for r in runs]), _pct([r["test_acc"] for r in runs]),
+                     _pct([r["best_test_acc"] for r in runs]),
+                     f"{sum(r['test_acc'] >= TRAINS_AT for r in runs)}/{len(runs)}",
+                     f"{statistics.fmean(r['time_per_step_s'] for r in runs):.2f}",
                      f"{statistics.fmean(cpus) / 60:.1f}" if cpus else "—"])
     if len(rows) > 1:
+        hours = sum(cpu_log.values()) / 3600
         lines += [markdown_table(rows), "",
-                  "s / step: training wall seconds per step from the runs' summary.json (evaluations excluded; the "
-                  "machine was shared, so wall > CPU); CPU-min per run: process CPU time of the whole run "
-                  "(evaluations and data loading included), where this driver trained it.", ""]
+                  f"Hardware: {hardware}, two runs at a time; {hours:.1f} CPU-hours for the runs "
+                  "this driver's log holds. Train mode: the loss (and accuracy) of the training batches as the step "
+                  f"saw them, BatchNorm on batch statistics, averaged over the {state[names[0]]['eval_every']} steps "
+                  "before the evaluation; eval mode: BatchNorm on its moving statistics, on a fixed set of 1,000 "
+                  "training images (train acc) or the 1,000-image test subset. s / step: training wall seconds per "
+                  "step (summary.json; evaluations excluded, the machine shared by two runs); CPU-min per run: "
+                  "process CPU time of the whole run where this driver's trainer ran it.", ""]
+        if any(finished.values()):
+            plot_training(finished, images / "e4b_training.png")
+            lines += ["![E4b training loss](e4b_training.png)", "",
+                      "Training loss in train mode against steps, mean over the finished seeds (band: min to max).",
+                      ""]
         pairs = []
         for name in names:
             fam, depth, norm = split_name(name)
             twin = f"cnn{depth}-{norm}"
-            if fam == "SphereNet" and finished.get(name) and finished.get(twin):
-                a = [s["final"]["test_acc"] for s in finished[name]]
-                b = [s["final"]["test_acc"] for s in finished[twin]]
-                diff = 100 * (statistics.fmean(a) - statistics.fmean(b))
-                if min(len(a), len(b)) < 2:
-                    word = "one seed: no verdict"
-                else:
-                    sa, sb = statistics.stdev(a), statistics.stdev(b)
-                    word = ("higher" if diff > 0 else "lower") if abs(diff) > 100 * (sa + sb) else "within noise"
-                pairs.append(f"- {name} vs {twin}: final test accuracy {diff:+.2f} points ({word}).")
+            if fam != "SphereNet" or not finished.get(name) or not finished.get(twin):
+                continue
+            a, b = finished[name], finished[twin]
+            parts = []
+            for key, label, scale in (("early_loss", f"train loss @ {early}", 1.0),
+                                      ("train_loss", "final train loss", 1.0),
+                                      ("train_eval_acc", "train acc (eval mode)", 100.0),
+                                      ("test_acc", "final test acc", 100.0)):
+                x, y = [r[key] for r in a], [r[key] for r in b]
+                diff = scale * (statistics.fmean(x) - statistics.fmean(y))
+                unit = " points" if scale == 100.0 else ""
+                parts.append(f"{label} {diff:+.{2 if scale == 100.0 else 3}f}{unit} ({noise_word(x, y)})")
+            pairs.append(f"- {name} vs {twin}: " + "; ".join(parts) + ".")
         if pairs:
-            lines += ["Rule (as E1): \"higher\"/\"lower\" when the difference of the mean final test accuracies "
-                      "exceeds the sum of the two standard deviations; no verdict with fewer than 2 seeds.", ""]
+            lines += ["Rule (as E1): \"higher\"/\"lower\" when the difference of the two means exceeds the sum of "
+                      "the two standard deviations; no verdict with fewer than 2 seeds on either side. For a loss, "
+                      "lower is better.", ""]
             lines += pairs + [""]
     else:
         lines += ["No training run has finished yet.", ""]
-    lines += remaining(state, diag)
+    lines += remaining(state, diag, cpu_log)
     lines += ["### Discussion", "", _discussion(page_path), ""]
     return "\n".join(lines)
 
 
-def remaining(state: dict[str, dict[str, Any]], diag: dict[str, dict[str, Any]]) -> list[str]:
-    """What is left to train and its estimated CPU cost (the diagnostic's CPU seconds per step x the budget)."""
+def diag_estimate(st: dict[str, Any], info: dict[str, Any]) -> float:
+    """CPU minutes of one training run from the diagnostic: its measured CPU seconds per step times the budget, plus
+    about 2,000 images evaluated per evaluation (forward only, about a third of a training step per 128 images)."""
+    per_step = info["cpu_s"] / info["steps"]
+    evals = st["steps"] // st["eval_every"] + 1
+    return (st["steps"] * per_step + evals * (2000 / 128) * per_step / 3) / 60
+
+
+def remaining(state: dict[str, dict[str, Any]], diag: dict[str, dict[str, Any]],
+              cpu_log: dict[str, float] | None = None) -> list[str]:
+    """What is left to train and its estimated CPU cost: the diagnostic's estimate, scaled by the median ratio of
+    measured to estimated CPU time over the configurations whose runs this driver's log holds."""
+    cpu_log = cpu_log or {}
+    ratios = []
+    for name, st in state.items():
+        measured = [cpu_log[k] / 60 for k in cpu_log if k.startswith(f"runs/{name}/")]
+        if measured and name in diag:
+            ratios.append(statistics.fmean(measured) / diag_estimate(st, diag[name]["info"]))
+    scale = statistics.median(ratios) if ratios else 1.0
     rows = [["configuration", "seeds left", "est. CPU-min per run", "est. CPU-min"]]
     total = 0.0
     for name, st in state.items():
         if not st["missing"]:
             continue
-        per_run = math.nan
-        if name in diag:
-            info = diag[name]["info"]
-            evals = st["steps"] // st["eval_every"] + 1
-            # training steps at the diagnostic's measured cost, plus about 2,000 images evaluated per evaluation
-            # (forward only, about a third of a training step per 128 images)
-            per_step = info["cpu_s"] / info["steps"]
-            per_run = (st["steps"] * per_step + evals * (2000 / 128) * per_step / 3) / 60
+        per_run = scale * diag_estimate(st, diag[name]["info"]) if name in diag else math.nan
+        if math.isfinite(per_run):
             total += per_run * len(st["missing"])
         rows.append([name, ",".join(map(str, st["missing"])), f"{per_run:.0f}" if math.isfinite(per_run) else "?",
                      f"{per_run * len(st['missing']):.0f}" if math.isfinite(per_run) else "?"])
@@ -453,7 +554,10 @@ def remaining(state: dict[str, dict[str, Any]], diag: dict[str, dict[str, Any]])
         return ["Every training run has finished.", ""]
     from torchsphere.train.report import markdown_table
 
-    return ["**What remains to run** (estimated from the diagnostic's measured CPU time per step at 1 thread; "
+    basis = ("the diagnostic's measured CPU time per step at 1 thread"
+             + (f", times {scale:.2f}, the median ratio of measured to estimated CPU time of the {len(ratios)} "
+                f"configurations trained so far" if ratios else ""))
+    return [f"**What remains to run** (estimated from {basis}; "
             "`.venv/bin/python experiments/run_all.py --only e4b_gradient_flow --jobs N` trains all of it, "
             "reusing every finished run):", "", markdown_table(rows), "",
             f"Total: about {total / 60:.1f} CPU-hours" + (" (configurations without a measurement not counted)"

@@ -322,6 +322,8 @@ def test_e4b_driver_smoke(tmp_path):
     assert "| cnn9-none " in text and "spherenet9-none vs cnn9-none" in text and "What remains to run" in text
     assert (page.parent / "e4b_gradient_flow.png").stat().st_size > 0
     assert (page.parent / "e4b_effective_lr.png").stat().st_size > 0
+    assert "train loss @ 2 (train mode)" in text and "train acc % (eval mode)" in text
+    assert (page.parent / "e4b_training.png").stat().st_size > 0
     page.write_text(text.replace("(discussion to be written from the numbers above)", "Kept."))
     logs: list[str] = []
     assert e4b.run_diagnostic(tmp_path / "out", 2, 1, {"dataset": "synthetic", "width_mult": 0.03125,
@@ -360,3 +362,15 @@ def test_e4b_cpu_log_keeps_every_writer(tmp_path):
     assert len(log) == 4 * 20 + 1
     assert log["runs/shared/seed_0"] == 4 * 20 * 0.5
     assert all(log[f"runs/w{i}/seed_{j}"] == 1.5 for i in range(4) for j in range(20))
+
+
+def test_e4b_early_step_and_noise_rule():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import e4b_gradient_flow as e4b
+
+    assert e4b.early_step(1500, 250) == 500 and e4b.early_step(4, 2) == 2 and e4b.early_step(900, 250) == 500
+    assert e4b.early_step(100, 250) == 100
+    assert e4b.noise_word([1.0, 1.2], [0.0, 0.2]) == "higher"  # difference 1.0 > 0.14 + 0.14
+    assert e4b.noise_word([0.0, 0.2], [1.0, 1.2]) == "lower"
+    assert e4b.noise_word([0.0, 1.0], [0.5, 0.6]) == "within noise"  # 0.05 < 0.71 + 0.07
+    assert e4b.noise_word([1.0], [0.0, 0.1]) == "one seed: no verdict"

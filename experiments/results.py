@@ -280,6 +280,12 @@ SECTIONS = {"e1_operators_heads": ("E1: operators × heads", section_e1),
                                   + ["", "The gradient-flow diagnostic and the discussion: section E4b below."])}
 
 
+PARTIAL = {  # experiment -> where its finished runs are reported before the whole grid has run
+    "e4b_gradient_flow": " The finished runs, with training- and eval-mode numbers and a verdict per pair: section "
+                         "E4b (b) below.",
+}
+
+
 def plot_lines(path: Path, title: str, xlabel: str, lines: dict[str, list[tuple[int, ConfigResult]]],
                logx: bool) -> str:
     """Final test accuracy (mean ± std over seeds) against x, one line per key; returns the relative image path."""
@@ -356,7 +362,8 @@ def write_results(output: Path, results_path: Path, *, quick: bool = False) -> N
         lines += [f"## {title}", "", f"Spec: `experiments/{exp.experiment.spec}`. "
                   + (exp.spec.description.strip() if exp.spec.description else ""), ""]
         if not exp.complete:
-            lines += [f"Not complete ({exp.done}/{exp.total} runs finished): no table yet.", ""]
+            lines += [f"Not complete ({exp.done}/{exp.total} runs finished): no compare table until every run has "
+                      "finished." + PARTIAL.get(exp.experiment.name, ""), ""]
             continue
         first = next(iter(exp.results.values())).summaries[0]
         lines += [f"Data: {first['dataset']} ({first['data']['train']} train / {first['data']['val']} validation / "

@@ -44,6 +44,11 @@ COMMAND = ".venv/bin/python experiments/e4b_gradient_flow.py"
 DIAG_STEPS = 10  # 0.6-5 CPU s per step of batch 128 (9-60 layers): about 8 CPU-minutes for the 20 configurations
 DIAG_EVERY = 1
 DIAG_DIR = "gradflow"
+LONG_DIR = "gradflow_long"  # the longer diagnostic: the first LONG_STEPS steps, every LONG_EVERY-th recorded
+LONG_STEPS = 300
+LONG_EVERY = 25
+LONG_CONFIGS = ("cnn9-bn", "spherenet9-bn", "cnn9-none", "spherenet9-none", "cnn18-bn", "spherenet18-bn",
+                "cnn18-none", "spherenet18-none")  # the depths trained at 3 seeds (about 20 CPU-minutes)
 CPU_FILE = "train_cpu.json"  # process CPU seconds of the runs trained by this driver
 DISCUSSION = re.compile(r"<!-- human-discussion:start -->.*?<!-- human-discussion:end -->", re.S)
 EARLY_FRACTION = 1 / 3  # the "easier optimization" claim read early: the training loss at the first evaluation
@@ -68,8 +73,8 @@ def _configs(output: Path, overrides: dict[str, Any]) -> dict[str, list]:
 
 
 # ---------------------------------------------------------------------------------------------- (a) diagnostic
-def diag_folder(output: Path, name: str) -> Path:
-    return output / NAME / DIAG_DIR / name
+def diag_folder(output: Path, name: str, folder: str = DIAG_DIR) -> Path:
+    return output / NAME / folder / name
 
 
 def diag_state(config, steps: int, every: int) -> str:
@@ -92,8 +97,9 @@ def diag_state(config, steps: int, every: int) -> str:
 
 
 def run_diagnostic(output: Path, steps: int, every: int, overrides: dict[str, Any], names: list[str] | None = None,
-                   log=print) -> int:
-    """Measures every configuration (seed 0) not yet measured with this step count; returns how many."""
+                   log=print, folder: str = DIAG_DIR) -> int:
+    """Measures every configuration (seed 0) not yet measured with this step count and stride into
+    ``OUTPUT/e4b_gradient_flow/<folder>/<configuration>``; returns how many."""
     import shutil
 
     from torchsphere.train.gradflow import measure_gradient_flow
@@ -102,7 +108,7 @@ def run_diagnostic(output: Path, steps: int, every: int, overrides: dict[str, An
     for name, cfgs in _configs(output, overrides).items():
         if names and name not in names:
             continue
-        config = cfgs[0].replace(output=str(diag_folder(output, name)), quiet=True, checkpoint_every=0)
+        config = cfgs[0].replace(output=str(diag_folder(output, name, folder)), quiet=True, checkpoint_every=0)
         state = diag_state(config, steps, every)
         if state == "done":
             continue
@@ -114,25 +120,25 @@ def run_diagnostic(output: Path, steps: int, every: int, overrides: dict[str, An
     return done
 
 
-def load_diagnostic(output: Path, steps: int = DIAG_STEPS) -> dict[str, dict[str, Any]]:
+def load_diagnostic(output: Path, steps: int = DIAG_STEPS, folder: str = DIAG_DIR) -> dict[str, dict[str, Any]]:
     """{configuration: {"rows", "info"}} of the finished measurements, cut to their first ``steps`` steps (the CPU
     time in ``info`` scaled to them)."""
     from torchsphere.analysis.gradient_flow import read_csv
     from torchsphere.train.gradflow import GRAD_FLOW_FILE, GRAD_FLOW_INFO
 
     found = {}
-    root = output / NAME / DIAG_DIR
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if (folder / GRAD_FLOW_INFO).is_file():
-            info = json.loads((folder / GRAD_FLOW_INFO).read_text())
+    root = output / NAME / folder
+    for run in sorted(root.iterdir()) if root.is_dir() else []:
+        if (run / GRAD_FLOW_INFO).is_file():
+            info = json.loads((run / GRAD_FLOW_INFO).read_text())
             if info["steps"] < steps:
                 continue  # a shorter measurement than asked for: not used (measured again by run_diagnostic)
             scale = steps / info["steps"]
             info = {**info, "measured_steps": info["steps"], "measured_cpu_s": info["cpu_s"], "steps": steps,
                     "cpu_s": info["cpu_s"] * scale,
                     "wall_s": info["wall_s"] * scale}
-            found[folder.name] = {"rows": [r for r in read_csv(folder / GRAD_FLOW_FILE) if r["step"] < steps],
-                                  "info": info}
+            found[run.name] = {"rows": [r for r in read_csv(run / GRAD_FLOW_FILE) if r["step"] < steps],
+                               "info": info}
     return found
 
 
@@ -364,6 +370,69 @@ def plot_training(finished: dict[str, list[dict[str, Any]]], path: Path) -> None
     plt.close(fig)
 
 
+def plot_long(diag: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({split_name(n)[1] for n in diag})
+    colors = {d: plt.get_cmap("viridis")(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+    fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True, sharey="row", squeeze=False)
+    for col, norm in enumerate(("bn", "none")):
+        for name in sorted(diag, key=lambda n: (split_name(n)[1], n)):
+            fam, depth, nrm = split_name(name)
+            if nrm != norm:
+                continue
+            rows = diag[name]["rows"]
+            steps = sorted({r["step"] for r in rows})
+            kw = dict(linestyle="-" if fam == "SphereNet" else "--", color=colors[depth], marker=".",
+                      label=f"{fam}-{depth}")
+            axes[0][col].plot(steps, [profile(rows, t)["ratio"] for t in steps], **kw)
+            axes[1][col].plot(steps, [profile(rows, t)["eff_lr"] for t in steps], **kw)
+            axes[2][col].plot(steps, [weight_growth(rows, t) for t in steps], **kw)
+        axes[0][col].set_title("BN" if norm == "bn" else "no normalization")
+        axes[2][col].set_xlabel("step")
+        for r in (0, 1):
+            axes[r][col].set_yscale("log")
+        if axes[0][col].get_lines():
+            axes[0][col].legend(fontsize=8)
+    axes[0][0].set_ylabel("grad norm, first / last hidden conv")
+    axes[1][0].set_ylabel("median ||w_t+1 - w_t|| / ||w_t||")
+    axes[2][0].set_ylabel("median ||w_t|| / ||w_0||")
+    fig.suptitle("E4b: gradient flow, effective learning rate and filter-norm growth over the first steps "
+                 "(seed 0; SphereNet solid, CNN dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def long_section(diag: dict[str, dict[str, Any]], steps: int, images: Path) -> list[str]:
+    """Part (a2): the longer diagnostic, a table at its first, middle and last recorded step and a plot."""
+    from torchsphere.train.report import markdown_table
+
+    head = [f"### (a2) Over the first {steps} steps", ""]
+    if not diag:
+        return head + [f"Not measured yet: run `{COMMAND} --long default` (the 9- and 18-layer configurations, "
+                       "about 20 CPU-minutes).", ""]
+    recorded = sorted({r["step"] for d in diag.values() for r in d["rows"]})
+    marks = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+    rows = [["configuration", *[f"first / last @ {t}" for t in marks], *[f"eff. lr @ {t}" for t in marks],
+             f"||w|| / ||w_0|| @ {marks[-1]}", f"train loss @ {marks[-1]}"]]
+    for name in sorted(diag, key=lambda n: (split_name(n)[2], split_name(n)[1], n)):
+        rows_ = diag[name]["rows"]
+        prof = {t: profile(rows_, t) for t in marks}
+        rows.append([name, *[f"{prof[t]['ratio']:.2g}" for t in marks], *[f"{prof[t]['eff_lr']:.2g}" for t in marks],
+                     f"{weight_growth(rows_, marks[-1]):.3f}", f"{prof[marks[-1]]['loss']:.3f}"])
+    cpu = sum(d["info"]["measured_cpu_s"] for d in diag.values())
+    plot_long(diag, images / "e4b_long.png")
+    return head + [f"The same measurement as (a) for {len(diag)} configurations (seed 0), every "
+                   f"{diag[next(iter(diag))]['info']['every']}th step recorded ({cpu / 60:.1f} CPU-min): the ratio "
+                   "of the first to the last hidden conv layer's weight-gradient norm, the median effective learning "
+                   "rate ||Δw|| / ||w|| of the hidden conv layers, and their median filter-norm growth.", "",
+                   markdown_table(rows), "", "![E4b over the first steps](e4b_long.png)", ""]
+
+
 def _mean_std(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -379,7 +448,8 @@ def _pct(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
-def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = DIAG_STEPS) -> str:
+def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = DIAG_STEPS,
+         long_steps: int = LONG_STEPS) -> str:
     from torchsphere.train.report import markdown_table
 
     diag = load_diagnostic(output, steps)
@@ -456,6 +526,8 @@ def page(output: Path, page_path: Path, overrides: dict[str, Any], steps: int = 
         lines += ["![E4b gradient norms](e4b_gradient_flow.png)", "", "![E4b effective lr](e4b_effective_lr.png)", ""]
     else:
         lines += ["### (a) Gradient flow over the first steps", "", f"Not measured yet: run `{COMMAND}`.", ""]
+
+    lines += long_section(load_diagnostic(output, long_steps, LONG_DIR), long_steps, images)
 
     # (b) training
     lines += ["### (b) Training: 1,500 steps of batch 128", ""]
@@ -578,10 +650,10 @@ def _machine() -> str:
 
 
 def write_page(output: Path, page_path: Path, overrides: dict[str, Any] | None = None,
-               steps: int = DIAG_STEPS) -> Path:
+               steps: int = DIAG_STEPS, long_steps: int = LONG_STEPS) -> Path:
     from torchsphere.train.checkpoint import atomic_write_text
 
-    text = page(output, page_path, overrides or {}, steps)
+    text = page(output, page_path, overrides or {}, steps, long_steps)
     page_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(page_path, text)
     return page_path
@@ -605,6 +677,13 @@ def main(argv: list[str] | None = None) -> int:
                         "(default %(default)s)")
     parser.add_argument("--every", type=int, default=DIAG_EVERY, help="record every k-th step (default 1)")
     parser.add_argument("--diag-only", metavar="C1,C2", help="measure only these configurations")
+    parser.add_argument("--long", metavar="C1,C2", help="also measure the longer diagnostic (--long-steps steps, "
+                        "every --long-every-th recorded) for these configurations; 'default' for the "
+                        f"{len(LONG_CONFIGS)} of the 9- and 18-layer pairs")
+    parser.add_argument("--long-every", type=int, default=LONG_EVERY, help="recording stride of the longer "
+                        "diagnostic (default %(default)s)")
+    parser.add_argument("--long-steps", type=int, default=LONG_STEPS, help="steps of the longer diagnostic "
+                        "(default %(default)s)")
     parser.add_argument("--train", metavar="C1,C2", help="also train these configurations of the training part "
                         "(resumable; 'all' for every one)")
     parser.add_argument("--seeds", metavar="S1,S2", help="with --train: only these seeds (default: the spec's)")
@@ -615,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.diag_steps < 1 or args.every < 1:
         parser.error(f"--diag-steps and --every must be >= 1; got {args.diag_steps} and {args.every}")
+    if args.long_every < 1 or args.long_steps <= args.long_every:
+        parser.error(f"--long-every must be >= 1 and --long-steps greater than it; got {args.long_every} and "
+                     f"{args.long_steps}")
     overrides = dict(args.set)
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
@@ -622,12 +704,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             names = args.diag_only.split(",") if args.diag_only else None
             run_diagnostic(args.output, args.diag_steps, args.every, overrides, names)
+            if args.long:
+                chosen = list(LONG_CONFIGS) if args.long == "default" else [n for n in args.long.split(",") if n]
+                unknown = sorted(set(chosen) - set(_configs(args.output, overrides)))
+                if unknown:
+                    raise ValueError(f"--long: unknown configuration(s) {unknown}")
+                run_diagnostic(args.output, args.long_steps, args.long_every, overrides, chosen, folder=LONG_DIR)
             if args.train:
                 configs = list(_configs(args.output, overrides))
                 chosen = configs if args.train == "all" else [n for n in args.train.split(",") if n]
                 seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
                 train_subset(args.output, chosen, seeds, overrides)
-        path = write_page(args.output, args.page, overrides, args.diag_steps)
+        path = write_page(args.output, args.page, overrides, args.diag_steps, args.long_steps)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     print(f"wrote {path}")

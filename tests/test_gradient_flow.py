@@ -315,6 +315,7 @@ def test_e4b_driver_smoke(tmp_path):
     page = tmp_path / "docs" / "e4b.md"
     argv = ["--output", str(tmp_path / "out"), "--page", str(page), "--diag-steps", "3", "--diag-only",
             "cnn9-none,spherenet9-none", "--train", "cnn9-none,spherenet9-none", "--seeds", "0",
+            "--long", "cnn9-none,spherenet9-none", "--long-steps", "4", "--long-every", "2",
             *[a for kv in ("dataset=synthetic", "width_mult=0.03125", "batch_size=8", "steps=4", "eval_every=2",
                            "limit_train=null") for a in ("--set", kv)]]
     assert e4b.main(argv) == 0
@@ -324,6 +325,8 @@ def test_e4b_driver_smoke(tmp_path):
     assert (page.parent / "e4b_effective_lr.png").stat().st_size > 0
     assert "train loss @ 2 (train mode)" in text and "train acc % (eval mode)" in text
     assert (page.parent / "e4b_training.png").stat().st_size > 0
+    assert "### (a2) Over the first 4 steps" in text and "| spherenet9-none " in text.split("(a2)")[1]
+    assert "first / last @ 2" in text and (page.parent / "e4b_long.png").stat().st_size > 0
     page.write_text(text.replace("(discussion to be written from the numbers above)", "Kept."))
     logs: list[str] = []
     assert e4b.run_diagnostic(tmp_path / "out", 2, 1, {"dataset": "synthetic", "width_mult": 0.03125,
@@ -374,3 +377,18 @@ def test_e4b_early_step_and_noise_rule():
     assert e4b.noise_word([0.0, 0.2], [1.0, 1.2]) == "lower"
     assert e4b.noise_word([0.0, 1.0], [0.5, 0.6]) == "within noise"  # 0.05 < 0.71 + 0.07
     assert e4b.noise_word([1.0], [0.0, 0.1]) == "one seed: no verdict"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--long-steps", "25"], "--long-steps greater than it; got 25 and 25"),
+    (["--long-every", "0"], "--long-every must be >= 1"),
+    (["--long", "cnn7-bn"], "unknown configuration"),
+])
+def test_e4b_long_diagnostic_argument_errors(argv, message, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import e4b_gradient_flow as e4b
+
+    with pytest.raises(SystemExit):
+        e4b.main(["--output", str(tmp_path / "out"), "--page", str(tmp_path / "p.md"), "--diag-only", "none",
+                  *argv])
+    assert message in capsys.readouterr().err

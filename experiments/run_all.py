@@ -62,6 +62,7 @@ class Experiment:
     spec: str
     after: Callable[[Path], None] | None = None
     quick: dict[str, Any] | None = None  # extra --quick overrides (e.g. a width that keeps the smoke test short)
+    partial: bool = False  # run ``after`` on a partly finished grid too (its page reports what has finished)
 
 
 def _feature_plots(folder: Path) -> None:
@@ -71,12 +72,12 @@ def _feature_plots(folder: Path) -> None:
 
 
 def _e4b_page(folder: Path) -> None:
-    """E4b's diagnostic (what is missing) and its page docs/results/e4b_gradient_flow.md; the real grid only."""
+    """E4b's diagnostics, the 10-step one and the 300-step one (what is missing), and its page docs/results/e4b_gradient_flow.md; the real grid only."""
     if folder.parent.resolve() != DEFAULT_OUTPUT.resolve():
         return  # --quick or another --output: the page describes the committed runs
     import e4b_gradient_flow
 
-    e4b_gradient_flow.main(["--output", str(folder.parent)])
+    e4b_gradient_flow.main(["--output", str(folder.parent), "--long", "default"])
 
 
 def _e8b_page(folder: Path) -> None:
@@ -107,7 +108,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("e8_convergence_bn", "e8_convergence_bn.yaml", after=_e8b_page),
     Experiment("e1b_margins", "e1b_margins.yaml", after=_e1b_page),
     # last: its 60 training runs are many CPU-hours (docs/results/e4b_gradient_flow.md states what remains)
-    Experiment("e4b_gradient_flow", "e4b_gradient_flow.yaml", after=_e4b_page,
+    Experiment("e4b_gradient_flow", "e4b_gradient_flow.yaml", after=_e4b_page, partial=True,
                quick=dict(width_mult=1 / 32, batch_size=8)),
 )
 NAMES = [e.name for e in EXPERIMENTS]
@@ -214,11 +215,14 @@ def add_wall_time(folder: Path, seconds: float, jobs: int) -> None:
 
 
 def finish_experiment(experiment: Experiment, output: Path, quick: bool, data_dir: str | None = None) -> bool:
-    """Writes the experiment's compare report (and runs its ``after`` step) when all its runs are finished."""
+    """Writes the experiment's compare report and runs its ``after`` step when all its runs are finished (``after``
+    alone on a partial grid for an experiment marked ``partial``); returns whether the grid is complete."""
     from torchsphere.train.compare import compare
 
     configs = [c for cfgs in configs_of(experiment, output, quick, data_dir).values() for c in cfgs]
     if not all(run_state(c) == "done" for c in configs):
+        if experiment.partial and experiment.after is not None:
+            experiment.after(output / experiment.name)
         return False
     compare(load(experiment, quick), output / experiment.name, experiment_overrides(experiment, quick, data_dir),
             quiet=True)

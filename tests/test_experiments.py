@@ -280,3 +280,16 @@ def test_results_page_without_runs_says_so(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "The full grid has not been run yet" in text and run_all.COMMAND in text
     assert "SMOKE TEST" not in text and "| final test %" not in text
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_after_step_on_a_partial_grid_only_when_marked(partial, tmp_path):
+    """An experiment marked ``partial`` (E4b, whose page reports a partial grid) runs its ``after`` step before every
+    run has finished; the others wait for the whole grid (and none writes a compare report early)."""
+    calls: list[Path] = []
+    experiment = run_all.Experiment("e4b_gradient_flow", "e4b_gradient_flow.yaml", after=calls.append,
+                                    partial=partial)
+    assert run_all.finish_experiment(experiment, tmp_path, quick=False) is False
+    assert calls == ([tmp_path / "e4b_gradient_flow"] if partial else [])
+    assert not (tmp_path / "e4b_gradient_flow" / "report.md").exists()
+    assert [e.name for e in run_all.EXPERIMENTS if e.partial] == ["e4b_gradient_flow"]

@@ -418,7 +418,7 @@ def long_section(diag: dict[str, dict[str, Any]], steps: int, images: Path) -> l
     recorded = sorted({r["step"] for d in diag.values() for r in d["rows"]})
     marks = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
     rows = [["configuration", *[f"first / last @ {t}" for t in marks], *[f"eff. lr @ {t}" for t in marks],
-             f"||w|| / ||w_0|| @ {marks[-1]}", f"train loss @ {marks[-1]}"]]
+             f"‖w‖ / ‖w_0‖ @ {marks[-1]}", f"train loss @ {marks[-1]}"]]
     for name in sorted(diag, key=lambda n: (split_name(n)[2], split_name(n)[1], n)):
         rows_ = diag[name]["rows"]
         prof = {t: profile(rows_, t) for t in marks}
@@ -429,7 +429,7 @@ def long_section(diag: dict[str, dict[str, Any]], steps: int, images: Path) -> l
     return head + [f"The same measurement as (a) for {len(diag)} configurations (seed 0), every "
                    f"{diag[next(iter(diag))]['info']['every']}th step recorded ({cpu / 60:.1f} CPU-min): the ratio "
                    "of the first to the last hidden conv layer's weight-gradient norm, the median effective learning "
-                   "rate ||Δw|| / ||w|| of the hidden conv layers, and their median filter-norm growth.", "",
+                   "rate ‖Δw‖ / ‖w‖ of the hidden conv layers, and their median filter-norm growth ‖w‖ / ‖w_0‖.", "",
                    markdown_table(rows), "", "![E4b over the first steps](e4b_long.png)", ""]
 
 

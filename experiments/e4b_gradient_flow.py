@@ -48,7 +48,7 @@ LONG_DIR = "gradflow_long"  # the longer diagnostic: the first LONG_STEPS steps,
 LONG_STEPS = 300
 LONG_EVERY = 25
 LONG_CONFIGS = ("cnn9-bn", "spherenet9-bn", "cnn9-none", "spherenet9-none", "cnn18-bn", "spherenet18-bn",
-                "cnn18-none", "spherenet18-none")  # the depths trained at 3 seeds (about 20 CPU-minutes)
+                "cnn18-none", "spherenet18-none")  # the depths trained at 3 seeds (16 CPU-minutes measured)
 CPU_FILE = "train_cpu.json"  # process CPU seconds of the runs trained by this driver
 DISCUSSION = re.compile(r"<!-- human-discussion:start -->.*?<!-- human-discussion:end -->", re.S)
 EARLY_FRACTION = 1 / 3  # the "easier optimization" claim read early: the training loss at the first evaluation
@@ -414,7 +414,7 @@ def long_section(diag: dict[str, dict[str, Any]], steps: int, images: Path) -> l
     head = [f"### (a2) Over the first {steps} steps", ""]
     if not diag:
         return head + [f"Not measured yet: run `{COMMAND} --long default` (the 9- and 18-layer configurations, "
-                       "about 20 CPU-minutes).", ""]
+                       "about 16 CPU-minutes).", ""]
     recorded = sorted({r["step"] for d in diag.values() for r in d["rows"]})
     marks = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
     rows = [["configuration", *[f"first / last @ {t}" for t in marks], *[f"eff. lr @ {t}" for t in marks],

@@ -367,6 +367,28 @@ def test_compile_fullgraph_and_export(monkeypatch):
     assert not fused._COMPILED  # the kernels were traced into the outer graphs, never compiled on their own
 
 
+@pytest.mark.parametrize("layer", [
+    SphereConv2d(3, 4, 3, padding=1, operator="linear", memory_efficient=True, dtype=torch.float64),
+    SphereLinear(12, 4, operator="sigmoid", memory_efficient=True, dtype=torch.float64),
+], ids=["conv", "linear"])
+def test_memory_efficient_layers_save_z_inside_a_trace(layer, monkeypatch):
+    """Inside torch.compile / torch.export the compiler chooses what the backward keeps, so the layers save z there
+    (no inversion of g): an in-place op on the output is then legal, and the gradients are the save-z ones."""
+    layer = layer.to(DEVICE)
+    shape = (2, 3, 6, 6) if isinstance(layer, SphereConv2d) else (5, 12)
+    x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="memory_efficient=True"):
+        layer(x).relu_().sum().backward()  # eager: the saved output was modified in place
+    assert fused.saves_output(True) and not fused.saves_output(False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fused.saves_output(True)
+    (grad_traced,) = torch.autograd.grad(layer(x).relu_().sum(), x)
+    monkeypatch.undo()
+    layer.memory_efficient = False
+    (grad_z,) = torch.autograd.grad(layer(x).relu().sum(), x)
+    torch.testing.assert_close(grad_traced, grad_z, rtol=0, atol=REF_ATOL[torch.float64])
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_kernels_match_eager(backend, monkeypatch):
     """The compiled pointwise kernels (used for large tails) equal the eager ones; inductor for one operator only."""

@@ -176,7 +176,8 @@ def sphere_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
         memory_efficient: with ``impl="fused"``, save the output instead of the normalized convolution and invert
             g in the backward: no extra full-size saved tensor when the next layer (BatchNorm, ...) saves the
             output anyway, but an in-place op on the output then makes the backward raise (see
-            :mod:`torchsphere.functional.fused`, item 5). Default False.
+            :mod:`torchsphere.functional.fused`, item 5). Inside ``torch.compile`` z is saved either way and the
+            compiler plans the memory. Default False.
     """
     return _sphere_conv(1, input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps,
                         impl, memory_efficient)

@@ -135,8 +135,8 @@ class SphereConvFn(torch.autograd.Function):
     ``SphereConvFn.apply(input, weight, bias, k, stride, padding, dilation, groups, operator, eps, save_output,
     inference)``
     with ``stride``, ``padding``, ``dilation`` tuples of ints (one per spatial dim), ``k`` None, a number or a
-    (C_out,) tensor (the learnable k, which gets a gradient), ``save_output`` as ``memory_efficient`` and
-    ``inference`` True when no gradient will be taken (then no kernel waits for its first compilation). Returns
+    (C_out,) tensor (the learnable k, which gets a gradient), ``save_output`` as
+    ``fused.saves_output(memory_efficient)`` and ``inference`` True when no gradient will be taken (then no kernel waits for its first compilation). Returns
     (out, z, w_hat, w_scale, r): the layer's output first, (N, G, C_out / G, *out) for grouped convolutions (the
     caller reshapes it, outside the node, so that an in-place op on it is seen by autograd); the others are non-differentiable intermediates kept for
     the backward (z is None when the output is saved instead); the caller uses the output only.
@@ -240,5 +240,5 @@ def sphere_conv_fn(nd: int, input: Tensor, weight: Tensor, bias: Tensor | None, 
     inference = not torch.is_grad_enabled() or not any(
         isinstance(t, Tensor) and t.requires_grad for t in (input, weight, bias, k_arg))
     out = SphereConvFn.apply(input, weight, bias, k_arg, stride_t, pad, dilation_t, groups, operator, eps,
-                             memory_efficient, inference)[0]
+                             fused.saves_output(memory_efficient), inference)[0]
     return out.reshape(out.shape[0], -1, *out.shape[-nd:]) if groups > 1 else out

@@ -127,13 +127,27 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_child(script: Path, job: dict, threads: int, timeout_s: float | None) -> dict:
+def parse_env(items: Sequence[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` strings (``--env``) as a dict; raises ValueError naming a malformed item."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ValueError(f"--env takes KEY=VALUE items; got {item!r}")
+        out[key] = value
+    return out
+
+
+def run_child(script: Path, job: dict, threads: int, timeout_s: float | None,
+              extra_env: dict[str, str] | None = None) -> dict:
     """Runs ``script --child JOB`` with ``threads`` intra-op threads; returns the JSON the child wrote.
+
+    ``extra_env``: environment variables set for the child only (e.g. glibc's ``MALLOC_*`` tunables).
 
     Raises:
         ChildError: the child exited non-zero (its stderr's tail is in the message) or ran past ``timeout_s``.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, **(extra_env or {}), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     fd, out = tempfile.mkstemp(prefix="torchsphere-bench-", suffix=".json")
     os.close(fd)
     try:

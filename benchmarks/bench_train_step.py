@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also profile one step per model (CPU only)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: configurations not started in time are left out (marked)")
+    p.add_argument("--env", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="environment variables for the measuring processes, e.g. glibc's MALLOC_MMAP_THRESHOLD_ "
+                        "(recorded in the section's command)")
     p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch the docs file")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             H.check_positive(name, value)
         H.check_device(args.device, args.autocast)
         threads = H.check_threads(args.threads, args.device)
+        child_env = H.parse_env(args.env)
         if args.profile and args.device != "cpu":
             raise ValueError(f"--profile measures CPU time; it needs --device cpu, got --device {args.device}")
     except ValueError as err:
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                            backend=args.compile_backend, device=args.device, autocast=args.autocast,
                            batch=args.batch)
                 try:
-                    done[key] = H.run_child(Path(__file__), job, t, deadline.left())
+                    done[key] = H.run_child(Path(__file__), job, t, deadline.left(), child_env)
                 except H.ChildError as err:
                     print(f"bench_train_step: {width} {inp} {op} at {t} thread(s) failed: {err}", file=sys.stderr)
                     missing[key] = "failed"

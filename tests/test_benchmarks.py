@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 
 import _harness as H  # noqa: E402
 import _report  # noqa: E402
+import bench_floor  # noqa: E402
 import bench_ops  # noqa: E402
 import bench_train_step  # noqa: E402
 import gpu_report  # noqa: E402
@@ -101,6 +102,18 @@ def test_run_child_measures_in_a_fresh_process_with_the_thread_count():
     assert all(len(t) == 2 for t in result["times"].values())
 
 
+def test_parse_env_and_run_child_pass_variables_to_the_child_only(tmp_path):
+    assert H.parse_env(["A=1", "B_C=x=y", "D="]) == {"A": "1", "B_C": "x=y", "D": ""}
+    assert H.parse_env(None) == {}
+    with pytest.raises(ValueError, match="--env takes KEY=VALUE items; got '=1'"):
+        H.parse_env(["=1"])
+    script = tmp_path / "child.py"
+    script.write_text("import json, os, sys\njob = json.loads(sys.argv[2])\n"
+                      "open(job['out'], 'w').write(json.dumps({'v': os.environ.get('TORCHSPHERE_BENCH_TEST')}))\n")
+    assert H.run_child(script, {}, 1, 60, {"TORCHSPHERE_BENCH_TEST": "42"}) == {"v": "42"}
+    assert "TORCHSPHERE_BENCH_TEST" not in os.environ
+
+
 def test_run_child_reports_a_failing_child():
     with pytest.raises(H.ChildError, match="exit code 1"):
         H.run_child(BENCH / "bench_ops.py", {"shape": "not a shape"}, threads=1, timeout_s=120)
@@ -117,12 +130,23 @@ def test_unfold_reference_matches_sphere_conv2d_in_float64():
 # ------------------------------------------------------------------ argument checks of the Python scripts
 
 
-@pytest.mark.parametrize("module", [bench_ops, bench_train_step])
+@pytest.mark.parametrize("module", [bench_ops, bench_train_step, bench_floor])
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds must be > 0; got 0"),
     (["--threads", "0"], "--threads must be >= 1; got 0"),
     (["--threads", "1", "1"], r"--threads lists a value twice"),
     (["--max-minutes", "-1"], "--max-minutes must be > 0; got -1"),
+    (["--batch", "0"], "--batch must be > 0; got 0"),
+])
+def test_common_argument_errors_exit_2_with_a_message(module, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv + ["--no-write"])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("module", [bench_ops, bench_train_step])
+@pytest.mark.parametrize("argv, message", [
     (["--inner", "0"], "--inner must be > 0; got 0"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--autocast", "fp16"], "invalid choice: 'fp16'"),
@@ -152,8 +176,11 @@ def test_script_specific_argument_errors(capsys):
         bench_train_step.main(["--widths", "0", "--no-write"])
     assert "a width multiplier is a number > 0; got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench_train_step.main(["--batch", "0", "--no-write"])
-    assert "--batch must be > 0; got 0" in capsys.readouterr().err
+        bench_train_step.main(["--env", "MALLOC_TOP_PAD_", "--no-write"])
+    assert "--env takes KEY=VALUE items; got 'MALLOC_TOP_PAD_'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_floor.main(["--widths", "-1", "--no-write"])
+    assert "a width multiplier is a number > 0; got '-1'" in capsys.readouterr().err
 
 
 def test_section_names_keep_cpu_cuda_and_bf16_apart():
@@ -161,6 +188,34 @@ def test_section_names_keep_cpu_cuda_and_bf16_apart():
     assert bench_ops.section_name("cuda", "bf16") == "bench_ops_cuda_bf16"
     assert bench_train_step.section_name("cpu", "bf16") == "bench_train_step_bf16"
     assert bench_train_step.section_name("cuda", "none") == "bench_train_step_cuda"
+
+
+def test_bench_floor_figures_are_medians_of_per_round_ratios():
+    times = {"base": [1.0, 2.0, 4.0], "cosine": [1.5, 2.2, 40.0], "out": [0.1, 0.4, 0.4], "in": [0.1, 0.0, 0.4]}
+    f = bench_floor.figures(times)
+    assert f["floor"] == pytest.approx(1.2)  # rounds: 1.2, 1.2, 1.2
+    assert f["floor_in"] == pytest.approx(1.1)  # rounds: 1.1, 1.0, 1.1
+    assert f["measured"] == pytest.approx(1.5)  # rounds: 1.5, 1.1, 10
+    assert f["base"] == 2.0 and f["passes"] == pytest.approx(0.4)
+
+
+def test_bench_floor_passes_cover_every_sphere_layer_once_per_pass():
+    model = bench_train_step.build("cosine", 0.0625, 1, 28, True, 2, "cpu")[0]
+    shapes = bench_floor.layer_shapes(model, torch.randn(2, 1, 28, 28))
+    convs = [m for m in model.modules() if isinstance(m, bench_floor.SphereConv2d)]
+    assert len(shapes) == len(convs) == 10  # nine stage layers and fc6
+    assert shapes[0] == ((2, 1, 28, 28), (2, convs[0].out_channels, 28, 28))
+    calls = []
+    real_mul = torch.mul
+    try:
+        torch.mul = lambda a, s, out: calls.append(tuple(a.shape)) or real_mul(a, s, out=out)
+        bench_floor.passes_fn(shapes, "out")()
+        bench_floor.passes_fn(shapes, "in")()
+    finally:
+        torch.mul = real_mul
+    # one multiplication = one read + one write: 6 passes over each output, 4 over each input
+    assert calls == [o for _, o in shapes for _ in range(bench_floor.PASSES_OUT // 2)] + \
+        [i for i, _ in shapes for _ in range(bench_floor.PASSES_IN // 2)]
 
 
 # ------------------------------------------------------------------ real tiny runs into a temporary docs file
@@ -189,6 +244,27 @@ def test_bench_ops_budget_leaves_shapes_out_and_says_so(tmp_path, monkeypatch):
     assert bench_ops.main(["--shapes", "2,3,5,4", "--threads", "1", "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "| (2, 3, 5, 4) | nn.Conv2d | — | budget |" in text and "Run incomplete" in text
+
+
+def test_bench_floor_writes_its_section(tmp_path):
+    doc = tmp_path / "bench.md"
+    rc = bench_floor.main(["--widths", "0.0625", "--inputs", "28x28x1", "--batch", "2", "--rounds", "1",
+                           "--threads", "1", "--doc", str(doc)])
+    assert rc == 0
+    text = doc.read_text()
+    assert "<!-- bench_floor:start -->" in text and "Run incomplete" not in text
+    assert re.search(r"\| SphereNet-9 \(8, 12, 16\) step \| 28x28x1 \| 1 \| [\d.]+ ms \| [\d.]+ ms \| [\d.]+x \| "
+                     r"[\d.]+x \| [\d.]+x \| [+-][\d.]+ \|", text)
+    for shape in bench_ops.SHAPES:
+        assert f"| SphereConv2d {(2, *shape[1:])} | — | 1 |" in text
+
+
+def test_bench_floor_budget_leaves_thread_counts_out_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(H.Deadline, "expired", lambda self: True)
+    doc = tmp_path / "bench.md"
+    assert bench_floor.main(["--quick", "--threads", "1", "--doc", str(doc)]) == 1
+    text = doc.read_text()
+    assert "| 0.25 | 28x28x1 | 1 | budget |" in text and "Run incomplete" in text
 
 
 def test_bench_train_step_budget_leaves_configurations_out_and_says_so(tmp_path, monkeypatch):

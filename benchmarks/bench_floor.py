@@ -1,0 +1,228 @@
+"""The memory floor of the SphereConv tail on this machine, against the measured cosine layer (docs/benchmarks.md).
+
+Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). A SphereConv layer built on PyTorch's
+convolution (the filter norm folded into the weight, so the convolution costs what a plain one does) adds a tail
+that no implementation outside the convolution kernel can skip. Counted in passes over memory (one pass = reading or
+writing one full-size tensor), for the cosine operator, whose g is a single multiplication:
+
+- over the output (N, C_out, H', W'): the forward reads z and writes g = z r; the backward reads dL/dg, writes
+  dL/dz = dL/dg r, and reads dL/dg with the saved tensor again for dL/dr = sum over the channels of dL/dg z: 6 passes
+  (the backward's two reads of dL/dg and of the saved tensor counted once each, as one fused loop could);
+- over the input (N, C_in, H, W): the forward reads x for the patch norms; the backward reads the convolution's
+  dL/dx and x and writes dL/dx plus the patch norms' gradient: 4 passes.
+
+This script measures those 10 passes as the cheapest loop PyTorch has, a broadcast multiplication into a preallocated
+tensor (``torch.mul(a, s, out=b)``: one read and one write, so 3 of them over the output and 2 over the input), in
+the same process and rounds as what it is compared with: for every layer shape of SphereNet-9 (``create_model``, as
+in ``bench_train_step.py``), the CNN-9 training step and the cosine SphereNet-9 step (``memory_efficient``, as the
+models are built); for the three shapes of ``bench_ops.py``, ``nn.Conv2d`` forward + backward and cosine
+``SphereConv2d``. The floor is 1 + (time of the passes) / (time of the baseline), per round, median over rounds; the
+measured ratio beside it is the cosine layer's or model's over the same baseline. The other operators add arithmetic
+on top (see ``bench_ops.py``). The passes are timed apart from the steps, so cache reuse across a real layer's loops
+is not credited (the step's own loops run at the same sizes, so the figures are comparable). What the floor does not
+contain: the Python and autograd cost of the layer (tens of microseconds per op), the small ops on the weight and on
+the (N, 1, H', W') patch norms, and the channel reduction's own cost beyond its reads.
+
+Each thread count is measured in a fresh process (``OMP_NUM_THREADS=N``, ``torch.set_num_threads(N)``) with two
+warm-up calls of everything, then interleaved rounds in a rotated order. About 3 minutes per thread count on an idle
+2-core x86_64 CPU at the default sizes.
+
+Usage:
+    python benchmarks/bench_floor.py                  # threads 1 and 2, writes the section bench_floor
+    python benchmarks/bench_floor.py --quick          # width 0.25, batch 8, 2 rounds: checks that it runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+import bench_ops  # noqa: E402
+import bench_train_step as S  # noqa: E402
+from _report import DOC, machine, write_section  # noqa: E402
+
+from torchsphere.nn import SphereConv2d  # noqa: E402
+
+PASSES_OUT, PASSES_IN = 6, 4  # passes of the cosine tail over the layer's output and its input (module docstring)
+SECTION = "bench_floor"
+
+
+def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) of every SphereConv2d of ``model`` on ``x``, in call order."""
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((tuple(inp[0].shape), tuple(out.shape))))
+             for m in model.modules() if isinstance(m, SphereConv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def passes_fn(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], which: str):
+    """A callable making the floor's passes over every layer's output (``"out"``) or input (``"in"``) once."""
+    bufs = []
+    for in_shape, out_shape in shapes:
+        shape, reps = (out_shape, PASSES_OUT // 2) if which == "out" else (in_shape, PASSES_IN // 2)
+        a = torch.randn(shape)
+        s = torch.rand(shape[0], 1, *shape[2:]) + 0.5
+        bufs.append((a, s, torch.empty_like(a), reps))
+
+    def run() -> None:
+        for a, s, b, reps in bufs:
+            for _ in range(reps):
+                torch.mul(a, s, out=b)
+    return run
+
+
+def conv_step(fn, x: torch.Tensor, grad: torch.Tensor) -> None:
+    x.grad = None
+    fn(x).backward(grad)
+
+
+def child(job: dict) -> None:
+    with H.child_context(job) as result:
+        cases = {}
+        for width, inp in job["configs"]:
+            channels, size = S.INPUTS[inp]
+            cnn = S.build(None, width, channels, size, False, job["batch"], "cpu")
+            sph = S.build("cosine", width, channels, size, True, job["batch"], "cpu")
+            shapes = layer_shapes(sph[0], sph[2])
+            steps = {"base": partial(S.train_step, *cnn, "fused"), "cosine": partial(S.train_step, *sph, "fused"),
+                     "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in")}
+            cases[f"step|{width}|{inp}"] = {"widths": S.stage_widths(sph[0]),
+                                            "times": H.interleaved(steps, job["rounds"], "cpu")}
+        for batch, c_in, hw, c_out in job["shapes"]:
+            torch.manual_seed(0)
+            conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            layer = SphereConv2d(c_in, c_out, 3, padding=1, operator="cosine", memory_efficient=True)
+            layer.weight = conv.weight
+            x = torch.randn(batch, c_in, hw, hw, requires_grad=True)
+            grad = torch.randn(batch, c_out, hw, hw)
+            shapes = [((batch, c_in, hw, hw), (batch, c_out, hw, hw))]
+            steps = {"base": partial(conv_step, conv, x, grad), "cosine": partial(conv_step, layer, x, grad),
+                     "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in")}
+            cases[f"layer|{batch}|{c_in}|{hw}|{c_out}"] = {"times": H.interleaved(steps, job["rounds"], "cpu")}
+        result["cases"] = cases
+
+
+def figures(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median baseline time (s), median passes time (s), floor ratio and measured ratio (medians of per-round
+    ratios)."""
+    rounds = list(zip(times["base"], times["cosine"], times["out"], times["in"]))
+    return {"base": statistics.median(times["base"]),
+            "passes": statistics.median(o + i for _, _, o, i in rounds),
+            "floor": statistics.median(1 + (o + i) / b for b, _, o, i in rounds),
+            "floor_in": statistics.median(1 + i / b for b, _, _, i in rounds),
+            "measured": statistics.median(c / b for b, c, _, _ in rounds)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="width 0.25, one input, batch 8, 2 rounds: a smoke run")
+    p.add_argument("--rounds", type=int, default=None, help="measured rounds (default 7, quick 2)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts, each measured in a fresh process (default 1 2)")
+    p.add_argument("--widths", type=S.positive_float, nargs="+", default=None,
+                   help="SphereNet-9 width multipliers (default 0.25 0.5)")
+    p.add_argument("--inputs", nargs="+", choices=list(S.INPUTS), default=None)
+    p.add_argument("--batch", type=int, default=None, help=f"batch size (default {S.BATCH}, quick 8)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: thread counts not started in time are left out (marked)")
+    p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
+    p.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    try:
+        rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
+        for name, value in (("--rounds", rounds), ("--batch", args.batch), ("--max-minutes", args.max_minutes)):
+            H.check_positive(name, value)
+        threads = H.check_threads(args.threads, "cpu")
+    except ValueError as err:
+        parser.error(str(err))
+    batch = args.batch or (8 if args.quick else S.BATCH)
+    widths = args.widths or ([0.25] if args.quick else [0.25, 0.5])
+    inputs = args.inputs or (["28x28x1"] if args.quick else list(S.INPUTS))
+    configs = [[w, i] for w in widths for i in inputs]
+    shapes = [[batch, c, hw, co] for _, c, hw, co in bench_ops.SHAPES]
+    command = " ".join(["python benchmarks/bench_floor.py", *(sys.argv[1:] if argv is None else argv)])
+    deadline = H.Deadline(args.max_minutes)
+    start, load_start = time.perf_counter(), H.load1()
+    done: dict[int, dict] = {}
+    missing: dict[int, str] = {}
+    for t in threads:
+        if deadline.expired():
+            missing[t] = "budget"
+            continue
+        job = dict(configs=configs, shapes=shapes, batch=batch, rounds=rounds)
+        try:
+            done[t] = H.run_child(Path(__file__), job, t, deadline.left())
+        except H.ChildError as err:
+            print(f"bench_floor: {t} thread(s) failed: {err}", file=sys.stderr)
+            missing[t] = "failed"
+        print(f"bench_floor: {t} thread(s): {'failed' if t in missing else 'done'}", flush=True)
+
+    rows = []
+    keys = [(f"step|{w}|{i}", w, i) for w, i in configs] + \
+        [(f"layer|{b}|{c}|{hw}|{co}", (b, c, hw, co), None) for b, c, hw, co in shapes]
+    for key, what, inp in keys:
+        for t in threads:
+            res = done.get(t)
+            if res is None:
+                rows.append([str(what), inp or "—", str(t)] + [missing[t]] * 6)
+                continue
+            case = res["cases"][key]
+            f = figures(case["times"])
+            label = f"SphereNet-9 {tuple(case['widths'])} step" if inp else f"SphereConv2d {what}"
+            rows.append([label, inp or "—", str(t), f"{1e3 * f['base']:.1f} ms", f"{1e3 * f['passes']:.1f} ms",
+                         f"{f['floor']:.2f}x", f"{f['floor_in']:.2f}x", f"{f['measured']:.2f}x",
+                         f"{f['measured'] - f['floor']:+.2f}"])
+    wall = time.perf_counter() - start
+    headers = ["case", "input", "threads", "baseline", "floor passes", "floor", "input passes only",
+               "cosine measured", "measured − floor"]
+    text = "\n".join([
+        "## The memory floor of the SphereConv tail (bench_floor, cpu, float32)",
+        "",
+        f"Command: `{command}`. Machine: {machine('cpu')}. "
+        + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
+        + f" Wall time {wall / 60:.1f} min.",
+        "",
+        f"Batch {batch}, {rounds} interleaved rounds per case in one process per thread count. `baseline`: the CNN-9 "
+        "training step (forward, cross-entropy, backward, Adam) or `nn.Conv2d` forward + backward. `floor passes`: "
+        f"the {PASSES_OUT} passes over every SphereConv layer's output and {PASSES_IN} over its input that the "
+        "cosine tail cannot avoid outside the convolution kernel, timed as broadcast multiplications into "
+        "preallocated tensors. `floor` = 1 + passes / baseline, the lowest step (or layer) ratio any SphereConv built "
+        "on PyTorch's convolution reaches here; `input passes only` = the floor if the output passes were fused "
+        "into the following BatchNorm's loops (which read and write the output anyway); `cosine measured`: the cosine "
+        "SphereNet-9 (`memory_efficient`, as `create_model` builds it) or `SphereConv2d` over the same baseline.",
+        "",
+        *H.markdown_table(headers, rows, 3),
+    ]) + H.status_note(True, bool(missing))
+    print(text)
+    if not args.no_write:
+        write_section(SECTION, text, args.doc)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

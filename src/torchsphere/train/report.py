@@ -196,7 +196,9 @@ _LEGEND = (
     "README's \"best\" — shown for comparison only; the test curve itself is recorded at each evaluation for the "
     "convergence plot and is never used for selection. *steps to X%*: first evaluation step whose test accuracy "
     "reaches X (k/n: only k of n seeds reach it). *ms/step*: training time per step, evaluations excluded; the ratio "
-    "is relative to the first configuration (noisy on a shared machine).")
+    "is relative to the first configuration. The runs were timed one after another, not interleaved, so a change of "
+    "the machine's load between them enters the ratio: it is a rough figure, not a speed benchmark (the interleaved, "
+    "same-process ratios are benchmarks/bench_train_step.py's, in docs/benchmarks.md).")
 
 
 def _aligned(curves: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float], list[float]]:

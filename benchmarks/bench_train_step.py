@@ -5,8 +5,9 @@ backward, Adam step, batch 128, for the plain 9-layer net (``create_model("cnn9"
 multipliers 0.25 and 0.5, i.e. stage widths (32, 48, 64) and (64, 96, 128) (``--widths 1.0``: the official
 (128, 192, 256)), on 28x28x1 and 32x32x3 inputs. Every sphere operator runs in two modes: ``default`` = the layers'
 default (``memory_efficient=False``: the fused path saving z) and ``memory_efficient`` (as ``create_model`` builds
-the models: the output is saved and written over the convolution's buffer); ``--reference`` adds the eager
-reference composition (``impl="reference"``, the path before the fused one), eager only.
+the models: eager, the output is saved and written over the convolution's buffer; under ``torch.compile`` z is
+saved, as in ``default``, and the compiler plans the memory); ``--reference`` adds the eager reference composition
+(``impl="reference"``, the path before the fused one), eager only.
 
 Time: a fresh process per (width, input, thread count, operator) -- ``OMP_NUM_THREADS=N`` and
 ``torch.set_num_threads(N)``, since the thread pool cannot be resized reliably in one process -- builds the CNN and
@@ -355,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             "A cell is the median over rounds of the SphereNet's step time over the CNN's in the same round (eager "
             "over eager, `torch.compile(model)` over `torch.compile(cnn)`); the CNN-9 rows give the median of its "
             "median step times in those processes. Modes: `default` = the layers' default (`memory_efficient=False`, the fused path saving z); "
-            "`memory_efficient` = as `create_model` builds the models (the output is saved and written over the "
-            "convolution's buffer); `reference` = the eager composition (not targeted). Targets: "
+            "`memory_efficient` = as `create_model` builds the models (eager, the output is saved and written over "
+            "the convolution's buffer; under `torch.compile` z is saved and the compiler plans the memory); `reference` = the eager composition (not targeted). Targets: "
             + ", ".join(f"{kind} <= {TARGETS[kind]:.2f}x" for kind in kinds)
             + f" the CNN; cells above target are marked {H.OVER}.",
             "",

@@ -136,7 +136,8 @@ class SphereConvFn(torch.autograd.Function):
     inference)``
     with ``stride``, ``padding``, ``dilation`` tuples of ints (one per spatial dim), ``k`` None, a number or a
     (C_out,) tensor (the learnable k, which gets a gradient), ``save_output`` as
-    ``fused.saves_output(memory_efficient)`` and ``inference`` True when no gradient will be taken (then no kernel waits for its first compilation). Returns
+    ``fused.saves_output(memory_efficient)`` and ``inference`` True when no gradient will be taken (then no kernel
+    waits for its first compilation). Returns
     (out, z, w_hat, w_scale, r): the layer's output first, (N, G, C_out / G, *out) for grouped convolutions (the
     caller reshapes it, outside the node, so that an in-place op on it is seen by autograd); the others are non-differentiable intermediates kept for
     the backward (z is None when the output is saved instead); the caller uses the output only.

@@ -51,6 +51,7 @@ import bench_ops  # noqa: E402
 import bench_train_step as S  # noqa: E402
 from _report import DOC, machine, write_section  # noqa: E402
 
+from torchsphere.functional import fused, fused_conv  # noqa: E402
 from torchsphere.nn import SphereConv2d  # noqa: E402
 
 PASSES_OUT, PASSES_IN = 6, 4  # passes of the cosine tail over the layer's output and its input (module docstring)
@@ -87,6 +88,33 @@ def passes_fn(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], which: str)
     return run
 
 
+KERNELS = ("patch_sq", "forward_inplace", "backward_from_output", "patch_grad")  # the cosine layer's, as built
+
+
+def kernel_times(step, steps: int) -> dict[str, float]:
+    """Seconds per step spent in each of the layer's pointwise kernels (``fused._kernel`` calls, all layers)."""
+    totals: dict[str, float] = {}
+    original = fused._kernel
+
+    def timed(name, fn, numel, inference=False):
+        kernel = original(name, fn, numel, inference)
+
+        def run(*args):
+            start = time.perf_counter()
+            out = kernel(*args)
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return run
+
+    fused._kernel = fused_conv._kernel = timed
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        fused._kernel = fused_conv._kernel = original
+    return {name: t / steps for name, t in totals.items()}
+
+
 def conv_step(fn, x: torch.Tensor, grad: torch.Tensor) -> None:
     x.grad = None
     fn(x).backward(grad)
@@ -103,7 +131,8 @@ def child(job: dict) -> None:
             steps = {"base": partial(S.train_step, *cnn, "fused"), "cosine": partial(S.train_step, *sph, "fused"),
                      "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in")}
             cases[f"step|{width}|{inp}"] = {"widths": S.stage_widths(sph[0]),
-                                            "times": H.interleaved(steps, job["rounds"], "cpu")}
+                                            "times": H.interleaved(steps, job["rounds"], "cpu"),
+                                            "kernels": kernel_times(steps["cosine"], job["rounds"])}
         for batch, c_in, hw, c_out in job["shapes"]:
             torch.manual_seed(0)
             conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
@@ -141,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {S.BATCH}, quick 8)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: thread counts not started in time are left out (marked)")
+    p.add_argument("--env", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="environment variables for the measuring processes, e.g. MALLOC_TOP_PAD_=1073741824")
     p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
     p.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -158,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in (("--rounds", rounds), ("--batch", args.batch), ("--max-minutes", args.max_minutes)):
             H.check_positive(name, value)
         threads = H.check_threads(args.threads, "cpu")
+        child_env = H.parse_env(args.env)
     except ValueError as err:
         parser.error(str(err))
     batch = args.batch or (8 if args.quick else S.BATCH)
@@ -176,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         job = dict(configs=configs, shapes=shapes, batch=batch, rounds=rounds)
         try:
-            done[t] = H.run_child(Path(__file__), job, t, deadline.left())
+            done[t] = H.run_child(Path(__file__), job, t, deadline.left(), child_env)
         except H.ChildError as err:
             print(f"bench_floor: {t} thread(s) failed: {err}", file=sys.stderr)
             missing[t] = "failed"
@@ -197,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([label, inp or "—", str(t), f"{1e3 * f['base']:.1f} ms", f"{1e3 * f['passes']:.1f} ms",
                          f"{f['floor']:.2f}x", f"{f['floor_in']:.2f}x", f"{f['measured']:.2f}x",
                          f"{f['measured'] - f['floor']:+.2f}"])
+    kernel_rows = []
+    for key, what, inp in keys[:len(configs)]:
+        for t in threads:
+            if t in done:
+                case = done[t]["cases"][key]
+                ks = case["kernels"]
+                kernel_rows.append([f"{tuple(case['widths'])}", inp, str(t)]
+                                   + [f"{1e3 * ks.get(name, 0.0):.1f}" for name in KERNELS]
+                                   + [f"{1e3 * sum(ks.values()):.1f}", f"{1e3 * figures(case['times'])['passes']:.1f}"])
     wall = time.perf_counter() - start
     headers = ["case", "input", "threads", "baseline", "floor passes", "floor", "input passes only",
                "cosine measured", "measured − floor"]
@@ -217,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         "SphereNet-9 (`memory_efficient`, as `create_model` builds it) or `SphereConv2d` over the same baseline.",
         "",
         *H.markdown_table(headers, rows, 3),
+        "",
+        f"Where the cosine SphereNet-9 step's pointwise work goes: ms per step in each pointwise kernel of the layers "
+        f"(compiled at these sizes; all ten layers, wall time around each call, mean over {rounds} steps after the rounds above): the patch "
+        "norms' channel square-sum, the forward tail (written over z), the backward tail from the saved output "
+        "(dL/dz and the per-channel terms of dL/dr), and the patch norms' gradient added into dL/dx; against the "
+        "floor's passes.",
+        "",
+        *H.markdown_table(["widths", "input", "threads", "square-sum", "forward", "backward", "patch grad",
+                           "kernels total", "floor passes"], kernel_rows, 3),
     ]) + H.status_note(True, bool(missing))
     print(text)
     if not args.no_write:

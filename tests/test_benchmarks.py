@@ -257,6 +257,17 @@ def test_bench_floor_writes_its_section(tmp_path):
                      r"[\d.]+x \| [\d.]+x \| [+-][\d.]+ \|", text)
     for shape in bench_ops.SHAPES:
         assert f"| SphereConv2d {(2, *shape[1:])} | — | 1 |" in text
+    # the per-kernel table: every kernel of the cosine layer was timed
+    assert "| widths | input | threads | square-sum | forward | backward | patch grad | kernels total |" in text
+    assert re.search(r"\| \(8, 12, 16\) \| 28x28x1 \| 1 \|( [\d.]+ \|){6}", text)
+
+
+def test_bench_floor_kernel_times_restore_the_kernels():
+    original = bench_floor.fused._kernel
+    model, opt, x, y = bench_train_step.build("cosine", 0.0625, 1, 28, True, 2, "cpu")
+    times = bench_floor.kernel_times(lambda: bench_train_step.train_step(model, opt, x, y, "fused"), 2)
+    assert set(times) == set(bench_floor.KERNELS) and all(t > 0 for t in times.values())
+    assert bench_floor.fused._kernel is original and bench_floor.fused_conv._kernel is original
 
 
 def test_bench_floor_budget_leaves_thread_counts_out_and_says_so(tmp_path, monkeypatch):

@@ -413,6 +413,53 @@ def test_compiled_kernels_match_eager(backend, monkeypatch):
     assert not fused._COMPILED.get("failed") and len(fused._COMPILED) >= 4  # the compiled kernels ran
 
 
+def test_backward_workspace_is_reused_across_layers_and_gives_the_reference_gradients(monkeypatch):
+    """On CPU the compiled backward writes its full-size terms into per-thread buffers, one pair per shape: layers
+    of one shape share them, in turn, within one backward, and the gradients stay the reference ones (float64,
+    including a depthwise layer, whose dL/dr terms need no channel sum and alias the buffer)."""
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "compile_kernel", functools.partial(fused.compile_kernel, backend="eager"))
+    fused.clear_workspace()
+
+    torch.manual_seed(0)
+    layers = [SphereConv2d(3, 4, 3, padding=1, operator="linear", memory_efficient=True),
+              SphereConv2d(4, 4, 3, padding=1, operator="sigmoid"),
+              SphereConv2d(4, 4, 3, padding=1, groups=4, operator="cosine", memory_efficient=True),
+              SphereConv2d(4, 4, 3, padding=1, operator="learnable_sigmoid")]
+    model = nn.Sequential(*layers).double()
+
+    def forward(x, impl):
+        for layer in layers:
+            x = sphere_conv2d(x, layer.weight, None, 1, 1, 1, layer.groups, operator=layer.operator,
+                              sigmoid_k=layer.effective_k(), impl=impl,
+                              memory_efficient=layer.memory_efficient and impl == "fused")
+        return x
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, *model.parameters()]
+    grads = {}
+    for impl in ("fused", "reference"):
+        for _ in range(2):  # the second backward reuses the buffers of the first
+            grads[impl] = torch.autograd.grad(forward(x, impl).square().sum(), params)
+    for a, e in zip(grads["fused"], grads["reference"]):
+        torch.testing.assert_close(a, e, rtol=0, atol=REF_ATOL[torch.float64])
+    assert set(fused._WORKSPACE.buffers) == {((2, 4, 6, 6), torch.float64, torch.device("cpu")),
+                                             ((2, 4, 1, 6, 6), torch.float64, torch.device("cpu"))}
+
+
+def test_backward_workspace_keeps_a_bounded_number_of_shapes():
+    fused.clear_workspace()
+    for n in range(1, fused.WORKSPACE_SHAPES + 3):
+        a, b = fused._workspace(torch.empty(n, 3))
+        assert a.shape == b.shape == (n, 3) and a.data_ptr() != b.data_ptr()
+    kept = [key[0][0] for key in fused._WORKSPACE.buffers]
+    assert kept == list(range(3, fused.WORKSPACE_SHAPES + 3))  # the least recently used were dropped
+    assert fused._workspace(torch.empty(5, 3))[0].data_ptr() == fused._workspace(torch.empty(5, 3))[0].data_ptr()
+    fused.clear_workspace()
+    assert not fused._WORKSPACE.buffers
+
+
 def test_kernel_signatures_never_reach_the_recompile_limit(monkeypatch):
     """Every (operator, geometry, dtype) signature compiles its own copy of a kernel: a long-lived process with more
     signatures than Dynamo's recompile limit keeps its compiled kernels (instead of falling back to eager)."""

@@ -37,7 +37,11 @@ further and makes the whole layer one node, with the kernels of this module):
    :func:`compile_kernel`).
    The first call in a process compiles (seconds; Inductor caches on disk), smaller tensors run the same functions
    eagerly, and when compilation is unavailable or fails the eager functions are used after one warning -- the
-   compiler is never required for correctness. Inference does not pay the compile: when no input requires a gradient
+   compiler is never required for correctness. On CPU the backward of :class:`~.fused_conv.SphereConvFn` writes
+   its two full-size terms (dL/dz and the terms summed into dL/dr) into buffers kept per thread for the last
+   ``WORKSPACE_SHAPES`` shapes (:func:`clear_workspace` frees them): fresh tensors of that size each step are
+   page-faulted in again by glibc's malloc, which cost more than the loop that fills them. Inference does not pay
+   the compile: when no input requires a gradient
    (``torch.no_grad()``, ``torch.inference_mode()``, a frozen model) a kernel that this process has not compiled yet
    runs eagerly (the same functions, equal up to float rounding), while the evaluations inside a training run reuse
    the kernels its steps compiled.
@@ -68,7 +72,9 @@ float64 stays float64.
 """
 from __future__ import annotations
 
+import collections
 import math
+import threading
 import types
 import warnings
 from typing import Callable
@@ -386,15 +392,75 @@ def saved_or_explain(ctx) -> tuple[Tensor, ...]:
         raise
 
 
+def tail_backward_terms_into(grad_z: Tensor, p: Tensor, grad: Tensor, z: Tensor, r: Tensor,
+                             k: float | Tensor | None, operator: str,
+                             need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`tail_backward_terms` written into the buffers ``grad_z`` and ``p`` (one compiled loop)."""
+    a, b, grad_k = tail_backward_terms(grad, z, r, k, operator, need_k)
+    return grad_z.copy_(a), p.copy_(b), grad_k
+
+
+def tail_backward_from_output_terms_into(grad_z: Tensor, p: Tensor, grad: Tensor, out: Tensor, r: Tensor,
+                                         k: float | Tensor | None, bias: Tensor | None, operator: str,
+                                         need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`tail_backward_from_output_terms` written into the buffers ``grad_z`` and ``p`` (one compiled loop)."""
+    a, b, grad_k = tail_backward_from_output_terms(grad, out, r, k, bias, operator, need_k)
+    return grad_z.copy_(a), p.copy_(b), grad_k
+
+
+_WORKSPACE = threading.local()  # per thread: (shape, dtype, device) -> (grad_z, p) buffers of the backward
+WORKSPACE_SHAPES = 8  # buffers are kept for this many shapes per thread (least recently used dropped first)
+
+
+def _workspace(like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two buffers shaped like ``like``, kept per thread for the last ``WORKSPACE_SHAPES`` shapes and reused by
+    every backward of that shape. On CPU, glibc's malloc hands large freed blocks back to the kernel and
+    page-faults them in again at the next allocation, so two fresh full-size tensors per layer and step cost more
+    than the loop that fills them (docs/benchmarks.md)."""
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = collections.OrderedDict()
+    key = (tuple(like.shape), like.dtype, like.device)
+    if key in cache:
+        cache.move_to_end(key)
+    else:
+        cache[key] = (torch.empty(like.shape, dtype=like.dtype, device=like.device),
+                      torch.empty(like.shape, dtype=like.dtype, device=like.device))
+        while len(cache) > WORKSPACE_SHAPES:
+            cache.popitem(last=False)
+    return cache[key]
+
+
+def clear_workspace() -> None:
+    """Frees this thread's backward buffers (they are allocated again at the next CPU training step)."""
+    _WORKSPACE.buffers = collections.OrderedDict()
+
+
 def tail_grads(grad: Tensor, saved: Tensor, r: Tensor, k: float | Tensor | None, bias: Tensor | None,
-               operator: str, from_output: bool, need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+               operator: str, from_output: bool, need_k: bool,
+               workspace: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dL/dz, dL/dr, dL/dk) of the tail from the saved z (or output, with its bias): the pointwise terms in one
-    kernel, then the reductions."""
-    if from_output:
-        terms = _kernel("backward_from_output", tail_backward_from_output_terms, saved.numel())(
+    kernel, then the reductions.
+
+    ``workspace``: the caller consumes dL/dz before the next backward of this thread (as :class:`SphereConvFn`
+    does, in its convolution's backward); then, for CPU tensors on the compiled path, dL/dz and dL/dr's
+    full-size terms are written into reused buffers (:func:`_workspace`; CUDA's caching allocator needs none).
+    """
+    numel = saved.numel()
+    if workspace and saved.device.type == "cpu" and numel >= COMPILE_MIN_NUMEL and \
+            not torch.compiler.is_compiling() and not _COMPILED.get("failed"):
+        bufs = _workspace(saved)
+        if from_output:
+            terms = _kernel("backward_from_output_into", tail_backward_from_output_terms_into, numel)(
+                *bufs, grad, saved, r, k, bias, operator, need_k)
+        else:
+            terms = _kernel("backward_into", tail_backward_terms_into, numel)(*bufs, grad, saved, r, k, operator,
+                                                                              need_k)
+    elif from_output:
+        terms = _kernel("backward_from_output", tail_backward_from_output_terms, numel)(
             grad, saved, r, k, bias, operator, need_k)
     else:
-        terms = _kernel("backward", tail_backward_terms, saved.numel())(grad, saved, r, k, operator, need_k)
+        terms = _kernel("backward", tail_backward_terms, numel)(grad, saved, r, k, operator, need_k)
     return reduce_tail_terms(terms, r, k, from_output)
 
 

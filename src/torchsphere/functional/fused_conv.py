@@ -197,7 +197,7 @@ class SphereConvFn(torch.autograd.Function):
         rt = r.unsqueeze(2) if groups > 1 else r
         b = None if bias is None else bias.reshape(channel)
         grad_z, grad_r, grad_k = tail_grads(grad.contiguous(), saved, rt, k, b, ctx.operator, ctx.save_output,
-                                            need_k)
+                                            need_k, workspace=True)  # grad_z is consumed below
         grad_z = grad_z.reshape(saved.shape[0], -1, *saved.shape[-nd:])  # (N, C_out, *out)
         grad_r = grad_r.reshape(r.shape)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -18,10 +18,16 @@ in ``bench_train_step.py``), the CNN-9 training step and the cosine SphereNet-9 
 models are built); for the three shapes of ``bench_ops.py``, ``nn.Conv2d`` forward + backward and cosine
 ``SphereConv2d``. The floor is 1 + (time of the passes) / (time of the baseline), per round, median over rounds; the
 measured ratio beside it is the cosine layer's or model's over the same baseline. The other operators add arithmetic
-on top (see ``bench_ops.py``). The passes are timed apart from the steps, so cache reuse across a real layer's loops
-is not credited (the step's own loops run at the same sizes, so the figures are comparable). What the floor does not
-contain: the Python and autograd cost of the layer (tens of microseconds per op), the small ops on the weight and on
-the (N, 1, H', W') patch norms, and the channel reduction's own cost beyond its reads.
+on top (see ``bench_ops.py``).
+
+Timed apart, the passes run over the same tensors again and again, and a layer's tensors of a few MB then come
+partly from the CPU's cache. Inside a step they do not: the convolution and BatchNorm loops between two passes over a
+tensor push it out. So the script also makes the same passes inside the baseline's own step (:class:`InStepPasses`:
+hooks on its convolutions, in the forward and on the gradients, where the tail makes them) and reports that step
+over the plain one, the *floor in the step*: what a SphereConv layer built on PyTorch's convolution costs at the
+least on this machine. What neither floor contains: the Python and autograd cost of the layer (tens of microseconds
+per op), the small ops on the weight and on the (N, 1, H', W') patch norms, and the channel reduction's own cost
+beyond its reads. The second table splits the cosine step's extra time into those parts (:func:`step_breakdown`).
 
 Each thread count is measured in a fresh process (``OMP_NUM_THREADS=N``, ``torch.set_num_threads(N)``) with two
 warm-up calls of everything, then interleaved rounds in a rotated order. About 3 minutes per thread count on an idle
@@ -88,30 +94,92 @@ def passes_fn(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], which: str)
     return run
 
 
-KERNELS = ("patch_sq", "forward_inplace", "backward_from_output", "patch_grad")  # the cosine layer's, as built
+class InStepPasses:
+    """The floor's passes made inside a CNN's training step, where the step's own loops leave the cache.
+
+    Hooks on every ``nn.Conv2d`` of ``model`` make, with broadcast multiplications by ones (the values do not
+    change) into buffers kept per layer, where the cosine tail makes them: in the forward one pass pair over the
+    output (in place, as the tail writes g over z) and one over the input (the patch norms' read of x); in the
+    backward, on the output's gradient, two pairs over the output (dL/dz, and the read of the saved tensor for
+    dL/dr), and on the input's gradient, when the input needs one, one pair over it (the patch norms' gradient).
+    That is the 6 + 4 passes of :func:`passes_fn`, less the input's backward passes of a first layer whose input
+    needs no gradient (the SphereConv layer skips them too).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = [m.register_forward_hook(self._forward) for m in model.modules()
+                        if isinstance(m, nn.Conv2d)]
+
+    def _pair(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(shape)
+        if key not in self.bufs:
+            self.bufs[key] = (torch.ones(shape[0], 1, *shape[2:]), torch.empty(shape))
+        return self.bufs[key]
+
+    def _forward(self, module: nn.Module, inputs, out: torch.Tensor) -> None:
+        x = inputs[0]
+        with torch.no_grad():
+            s_out, _ = self._pair(out.shape)
+            out.mul_(s_out)  # the tail: read z, write g over it
+            s_in, b_in = self._pair(x.shape)
+            torch.mul(x, s_in, out=b_in)  # the patch norms' read of x
+        if out.requires_grad:
+            saved = out.detach()
+
+            def backward(grad: torch.Tensor) -> None:
+                s, b = self._pair(grad.shape)
+                torch.mul(grad, s, out=b)  # dL/dz = dL/dg r
+                torch.mul(saved, s, out=b)  # dL/dr's read of the saved tensor
+            out.register_hook(backward)
+        if x.requires_grad:
+            def backward_input(grad: torch.Tensor) -> None:
+                s, b = self._pair(grad.shape)
+                torch.mul(grad, s, out=b)  # the patch norms' gradient added into dL/dx
+            x.register_hook(backward_input)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
-def kernel_times(step, steps: int) -> dict[str, float]:
-    """Seconds per step spent in each of the layer's pointwise kernels (``fused._kernel`` calls, all layers)."""
+# the cosine layer's pointwise kernels, as ``create_model`` builds it: column -> the names it runs under (the CPU
+# training path's backward kernel, or the plain one on small tensors and other devices)
+KERNELS = {"patch norm": ("patch_rnorm",), "forward": ("forward_inplace",),
+           "backward": ("backward_from_output_into", "backward_from_output"), "patch grad": ("patch_grad",)}
+
+
+def step_breakdown(step, steps: int) -> dict[str, float]:
+    """Seconds per step in each part of the SphereConv layers (all layers, wall time around each call): their
+    pointwise kernels (by ``fused._kernel`` name), their convolutions (``conv``, forward and backward) and their
+    whole autograd node, forward and backward (``node``)."""
     totals: dict[str, float] = {}
-    original = fused._kernel
 
-    def timed(name, fn, numel, inference=False):
-        kernel = original(name, fn, numel, inference)
-
-        def run(*args):
+    def timed(name: str, fn):
+        def run(*args, **kwargs):
             start = time.perf_counter()
-            out = kernel(*args)
+            out = fn(*args, **kwargs)
             totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
             return out
         return run
 
-    fused._kernel = fused_conv._kernel = timed
+    fn_cls = fused_conv.SphereConvFn
+    saved = (fused._kernel, fused_conv._CONV, fused_conv._CONV_BACKWARD, fn_cls.__dict__["forward"],
+             fn_cls.__dict__["backward"])
+    original = fused._kernel
+    fused._kernel = fused_conv._kernel = lambda name, fn, numel, inference=False: timed(
+        name, original(name, fn, numel, inference))
+    fused_conv._CONV = tuple(timed("conv", f) for f in saved[1])
+    fused_conv._CONV_BACKWARD = timed("conv", saved[2])
+    fn_cls.forward = staticmethod(timed("node", saved[3].__func__))
+    fn_cls.backward = staticmethod(timed("node", saved[4].__func__))
     try:
         for _ in range(steps):
             step()
     finally:
-        fused._kernel = fused_conv._kernel = original
+        fused._kernel = fused_conv._kernel = saved[0]
+        fused_conv._CONV, fused_conv._CONV_BACKWARD = saved[1], saved[2]
+        fn_cls.forward, fn_cls.backward = saved[3], saved[4]
     return {name: t / steps for name, t in totals.items()}
 
 
@@ -126,36 +194,56 @@ def child(job: dict) -> None:
         for width, inp in job["configs"]:
             channels, size = S.INPUTS[inp]
             cnn = S.build(None, width, channels, size, False, job["batch"], "cpu")
+            floor = S.build(None, width, channels, size, False, job["batch"], "cpu")
+            InStepPasses(floor[0])
             sph = S.build("cosine", width, channels, size, True, job["batch"], "cpu")
             shapes = layer_shapes(sph[0], sph[2])
             steps = {"base": partial(S.train_step, *cnn, "fused"), "cosine": partial(S.train_step, *sph, "fused"),
-                     "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in")}
+                     "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in"),
+                     "in_step": partial(S.train_step, *floor, "fused")}
             cases[f"step|{width}|{inp}"] = {"widths": S.stage_widths(sph[0]),
                                             "times": H.interleaved(steps, job["rounds"], "cpu"),
-                                            "kernels": kernel_times(steps["cosine"], job["rounds"])}
+                                            "breakdown": step_breakdown(steps["cosine"], job["rounds"])}
         for batch, c_in, hw, c_out in job["shapes"]:
             torch.manual_seed(0)
             conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            floor = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            InStepPasses(floor)
             layer = SphereConv2d(c_in, c_out, 3, padding=1, operator="cosine", memory_efficient=True)
-            layer.weight = conv.weight
+            layer.weight = floor.weight = conv.weight
             x = torch.randn(batch, c_in, hw, hw, requires_grad=True)
             grad = torch.randn(batch, c_out, hw, hw)
             shapes = [((batch, c_in, hw, hw), (batch, c_out, hw, hw))]
             steps = {"base": partial(conv_step, conv, x, grad), "cosine": partial(conv_step, layer, x, grad),
-                     "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in")}
+                     "out": passes_fn(shapes, "out"), "in": passes_fn(shapes, "in"),
+                     "in_step": partial(conv_step, floor, x, grad)}
             cases[f"layer|{batch}|{c_in}|{hw}|{c_out}"] = {"times": H.interleaved(steps, job["rounds"], "cpu")}
         result["cases"] = cases
 
 
 def figures(times: dict[str, list[float]]) -> dict[str, float]:
-    """Median baseline time (s), median passes time (s), floor ratio and measured ratio (medians of per-round
-    ratios)."""
-    rounds = list(zip(times["base"], times["cosine"], times["out"], times["in"]))
+    """Median baseline time (s), median passes time (s), the floor ratios and the measured ratio (medians of
+    per-round ratios); ``in_step``: the baseline with the passes made inside it (:class:`InStepPasses`) over the
+    baseline, and ``extra``: the cosine layer's or model's time minus the baseline's (s), median over rounds."""
+    rounds = list(zip(times["base"], times["cosine"], times["out"], times["in"], times["in_step"]))
     return {"base": statistics.median(times["base"]),
-            "passes": statistics.median(o + i for _, _, o, i in rounds),
-            "floor": statistics.median(1 + (o + i) / b for b, _, o, i in rounds),
-            "floor_in": statistics.median(1 + i / b for b, _, _, i in rounds),
-            "measured": statistics.median(c / b for b, c, _, _ in rounds)}
+            "passes": statistics.median(o + i for _, _, o, i, _ in rounds),
+            "floor": statistics.median(1 + (o + i) / b for b, _, o, i, _ in rounds),
+            "floor_in": statistics.median(1 + i / b for b, _, _, i, _ in rounds),
+            "in_step": statistics.median(f / b for b, _, _, _, f in rounds),
+            "measured": statistics.median(c / b for b, c, _, _, _ in rounds),
+            "extra": statistics.median(c - b for b, c, _, _, _ in rounds)}
+
+
+def breakdown_columns(case: dict) -> list[float]:
+    """Seconds per step: each kernel column of :data:`KERNELS`, the kernels' total, the rest of the nodes, the step's
+    extra over the CNN, the part of it outside the nodes and the in-step floor's passes."""
+    parts = case["breakdown"]
+    kernels = [sum(parts.get(name, 0.0) for name in names) for names in KERNELS.values()]
+    rest = parts.get("node", 0.0) - parts.get("conv", 0.0) - sum(kernels)
+    f = figures(case["times"])
+    return [*kernels, sum(kernels), rest, f["extra"], f["extra"] - sum(kernels) - rest,
+            (f["in_step"] - 1) * f["base"]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,26 +309,24 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             res = done.get(t)
             if res is None:
-                rows.append([str(what), inp or "—", str(t)] + [missing[t]] * 6)
+                rows.append([str(what), inp or "—", str(t)] + [missing[t]] * 7)
                 continue
             case = res["cases"][key]
             f = figures(case["times"])
             label = f"SphereNet-9 {tuple(case['widths'])} step" if inp else f"SphereConv2d {what}"
             rows.append([label, inp or "—", str(t), f"{1e3 * f['base']:.1f} ms", f"{1e3 * f['passes']:.1f} ms",
-                         f"{f['floor']:.2f}x", f"{f['floor_in']:.2f}x", f"{f['measured']:.2f}x",
-                         f"{f['measured'] - f['floor']:+.2f}"])
+                         f"{f['floor']:.2f}x", f"{f['floor_in']:.2f}x", f"{f['in_step']:.2f}x",
+                         f"{f['measured']:.2f}x", f"{f['measured'] - f['in_step']:+.2f}"])
     kernel_rows = []
     for key, what, inp in keys[:len(configs)]:
         for t in threads:
             if t in done:
                 case = done[t]["cases"][key]
-                ks = case["kernels"]
                 kernel_rows.append([f"{tuple(case['widths'])}", inp, str(t)]
-                                   + [f"{1e3 * ks.get(name, 0.0):.1f}" for name in KERNELS]
-                                   + [f"{1e3 * sum(ks.values()):.1f}", f"{1e3 * figures(case['times'])['passes']:.1f}"])
+                                   + [f"{1e3 * v:.1f}" for v in breakdown_columns(case)])
     wall = time.perf_counter() - start
     headers = ["case", "input", "threads", "baseline", "floor passes", "floor", "input passes only",
-               "cosine measured", "measured − floor"]
+               "floor in the step", "cosine measured", "measured − floor in the step"]
     text = "\n".join([
         "## The memory floor of the SphereConv tail (bench_floor, cpu, float32)",
         "",
@@ -251,22 +337,30 @@ def main(argv: list[str] | None = None) -> int:
         f"Batch {batch}, {rounds} interleaved rounds per case in one process per thread count. `baseline`: the CNN-9 "
         "training step (forward, cross-entropy, backward, Adam) or `nn.Conv2d` forward + backward. `floor passes`: "
         f"the {PASSES_OUT} passes over every SphereConv layer's output and {PASSES_IN} over its input that the "
-        "cosine tail cannot avoid outside the convolution kernel, timed as broadcast multiplications into "
-        "preallocated tensors. `floor` = 1 + passes / baseline, the lowest step (or layer) ratio any SphereConv built "
-        "on PyTorch's convolution reaches here; `input passes only` = the floor if the output passes were fused "
-        "into the following BatchNorm's loops (which read and write the output anyway); `cosine measured`: the cosine "
-        "SphereNet-9 (`memory_efficient`, as `create_model` builds it) or `SphereConv2d` over the same baseline.",
+        "cosine tail cannot avoid outside the convolution kernel, timed apart as broadcast multiplications into "
+        "preallocated tensors (repeated over the same tensors, so partly from the cache). `floor` = 1 + passes / "
+        "baseline; `input passes only` = that floor if the output passes were fused into the following "
+        "BatchNorm's loops (which read and write the output anyway); `floor in the step` = the baseline with the "
+        "same passes made inside it, where the tail makes them (hooks on its convolutions, between the step's own "
+        "loops, which leave the cache cold), over the baseline: the lowest step (or layer) ratio any SphereConv "
+        "built on PyTorch's convolution reaches here; `cosine measured`: the cosine SphereNet-9 (`memory_efficient`, "
+        "as `create_model` builds it) or `SphereConv2d` over the same baseline.",
         "",
         *H.markdown_table(headers, rows, 3),
         "",
-        f"Where the cosine SphereNet-9 step's pointwise work goes: ms per step in each pointwise kernel of the layers "
-        f"(compiled at these sizes; all ten layers, wall time around each call, mean over {rounds} steps after the rounds above): the patch "
-        "norms' channel square-sum, the forward tail (written over z), the backward tail from the saved output "
-        "(dL/dz and the per-channel terms of dL/dr), and the patch norms' gradient added into dL/dx; against the "
-        "floor's passes.",
+        f"Where the cosine SphereNet-9 step's extra time goes, ms per step (all ten layers, wall time around each "
+        f"call, mean over {rounds} steps after the rounds above). The layers' pointwise kernels (compiled at these "
+        "sizes): the patch norms (channel square-sum, window sum, reciprocal square root), the forward tail (written over z), the backward tail from "
+        "the saved output (dL/dz, with dL/dr summed in the loop) and the patch norms' gradient added into dL/dx. "
+        "`rest of the node`: the layers' autograd nodes (forward and backward) less their convolutions and "
+        "kernels: the weight normalization and its gradient, the small ops on the (N, 1, H', W') patch norms, "
+        "the kernels' Python and Dynamo entry, the node's Python. `step − CNN step`: the median over the rounds "
+        "above of the difference; `outside the nodes`: that difference less the nodes' own extra (kernels and "
+        "rest), i.e. autograd, the modules' Python and any difference between the two models' convolutions and "
+        "other layers; `floor in the step`: the in-step floor's passes, (floor in the step − 1) x baseline.",
         "",
-        *H.markdown_table(["widths", "input", "threads", "square-sum", "forward", "backward", "patch grad",
-                           "kernels total", "floor passes"], kernel_rows, 3),
+        *H.markdown_table(["widths", "input", "threads", *KERNELS, "kernels total", "rest of the node",
+                           "step − CNN step", "outside the nodes", "floor in the step"], kernel_rows, 3),
     ]) + H.status_note(True, bool(missing))
     print(text)
     if not args.no_write:

@@ -5,6 +5,7 @@ temporary docs file, never into the real docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -191,12 +192,43 @@ def test_section_names_keep_cpu_cuda_and_bf16_apart():
 
 
 def test_bench_floor_figures_are_medians_of_per_round_ratios():
-    times = {"base": [1.0, 2.0, 4.0], "cosine": [1.5, 2.2, 40.0], "out": [0.1, 0.4, 0.4], "in": [0.1, 0.0, 0.4]}
+    times = {"base": [1.0, 2.0, 4.0], "cosine": [1.5, 2.2, 40.0], "out": [0.1, 0.4, 0.4], "in": [0.1, 0.0, 0.4],
+             "in_step": [1.1, 2.6, 4.4]}
     f = bench_floor.figures(times)
     assert f["floor"] == pytest.approx(1.2)  # rounds: 1.2, 1.2, 1.2
     assert f["floor_in"] == pytest.approx(1.1)  # rounds: 1.1, 1.0, 1.1
+    assert f["in_step"] == pytest.approx(1.1)  # rounds: 1.1, 1.3, 1.1
     assert f["measured"] == pytest.approx(1.5)  # rounds: 1.5, 1.1, 10
+    assert f["extra"] == pytest.approx(0.5)  # rounds: 0.5, 0.2, 36
     assert f["base"] == 2.0 and f["passes"] == pytest.approx(0.4)
+
+
+def test_bench_floor_in_step_passes_sit_where_the_tail_makes_them_and_change_nothing():
+    """The in-step floor's hooks: per convolution one pass pair over the output and one over the input in the
+    forward, two over the output's gradient, one over the input's gradient where the input needs one; the CNN's
+    loss and gradients stay exactly those of the same CNN without the hooks."""
+    (plain, _, x, y), (hooked, _, _, _) = [bench_train_step.build(None, 0.0625, 1, 28, False, 2, "cpu")
+                                           for _ in range(2)]
+    passes = bench_floor.InStepPasses(hooked)
+    convs = [m for m in hooked.modules() if isinstance(m, torch.nn.Conv2d)]
+    calls = []
+    real_mul = torch.mul
+    try:
+        torch.mul = lambda a, s, out: calls.append(tuple(a.shape)) or real_mul(a, s, out=out)
+        grads = {}
+        for name, model in (("plain", plain), ("hooked", hooked)):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            grads[name] = [loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))]
+    finally:
+        torch.mul = real_mul
+    for a, e in zip(grads["hooked"], grads["plain"]):
+        assert torch.equal(a, e)
+    # forward: the input read of each conv (the in-place pass over the output is a Tensor.mul_, not counted);
+    # backward: two over each output's gradient and one over each input's that needs one (all but the first)
+    assert len(calls) == len(convs) + 2 * len(convs) + (len(convs) - 1)
+    assert calls.count(tuple(x.shape)) == 1  # the first layer's input: forward read only
+    passes.remove()
+    assert all(not m._forward_hooks for m in convs)
 
 
 def test_bench_floor_passes_cover_every_sphere_layer_once_per_pass():
@@ -254,20 +286,32 @@ def test_bench_floor_writes_its_section(tmp_path):
     text = doc.read_text()
     assert "<!-- bench_floor:start -->" in text and "Run incomplete" not in text
     assert re.search(r"\| SphereNet-9 \(8, 12, 16\) step \| 28x28x1 \| 1 \| [\d.]+ ms \| [\d.]+ ms \| [\d.]+x \| "
-                     r"[\d.]+x \| [\d.]+x \| [+-][\d.]+ \|", text)
+                     r"[\d.]+x \| [\d.]+x \| [\d.]+x \| [+-][\d.]+ \|", text)
     for shape in bench_ops.SHAPES:
         assert f"| SphereConv2d {(2, *shape[1:])} | — | 1 |" in text
-    # the per-kernel table: every kernel of the cosine layer was timed
-    assert "| widths | input | threads | square-sum | forward | backward | patch grad | kernels total |" in text
-    assert re.search(r"\| \(8, 12, 16\) \| 28x28x1 \| 1 \|( [\d.]+ \|){6}", text)
+    # the breakdown table: the kernels' times, then the signed parts (that each kernel ran: the next test)
+    assert ("| widths | input | threads | patch norm | forward | backward | patch grad | kernels total | "
+            "rest of the node | step − CNN step | outside the nodes | floor in the step |") in text
+    assert re.search(r"\| \(8, 12, 16\) \| 28x28x1 \| 1 \|( [\d.]+ \|){5}( -?[\d.]+ \|){4}", text)
 
 
-def test_bench_floor_kernel_times_restore_the_kernels():
-    original = bench_floor.fused._kernel
+@pytest.mark.parametrize("numel", [0, 1 << 62])  # every kernel compiled (the CPU training path) / all eager
+def test_bench_floor_step_breakdown_times_every_part_and_restores_the_layer(monkeypatch, numel):
+    monkeypatch.setattr(bench_floor.fused, "COMPILE_MIN_NUMEL", numel)
+    monkeypatch.setattr(bench_floor.fused, "_COMPILED", {})
+    monkeypatch.setattr(bench_floor.fused, "compile_kernel",
+                        functools.partial(bench_floor.fused.compile_kernel, backend="eager"))
+    fn_cls = bench_floor.fused_conv.SphereConvFn
+    originals = (bench_floor.fused._kernel, bench_floor.fused_conv._CONV, bench_floor.fused_conv._CONV_BACKWARD,
+                 fn_cls.__dict__["forward"], fn_cls.__dict__["backward"])
     model, opt, x, y = bench_train_step.build("cosine", 0.0625, 1, 28, True, 2, "cpu")
-    times = bench_floor.kernel_times(lambda: bench_train_step.train_step(model, opt, x, y, "fused"), 2)
-    assert set(times) == set(bench_floor.KERNELS) and all(t > 0 for t in times.values())
-    assert bench_floor.fused._kernel is original and bench_floor.fused_conv._kernel is original
+    parts = bench_floor.step_breakdown(lambda: bench_train_step.train_step(model, opt, x, y, "fused"), 2)
+    for names in bench_floor.KERNELS.values():  # each column's kernel ran, under one of its names
+        assert sum(parts.get(name, 0.0) for name in names) > 0
+    assert {"node", "conv"} <= set(parts) and parts["node"] > parts["conv"] > 0
+    assert (bench_floor.fused._kernel, bench_floor.fused_conv._CONV, bench_floor.fused_conv._CONV_BACKWARD,
+            fn_cls.__dict__["forward"], fn_cls.__dict__["backward"]) == originals
+    assert bench_floor.fused_conv._kernel is originals[0]
 
 
 def test_bench_floor_budget_leaves_thread_counts_out_and_says_so(tmp_path, monkeypatch):

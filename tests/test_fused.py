@@ -477,7 +477,7 @@ def test_kernel_signatures_never_reach_the_recompile_limit(monkeypatch):
         out = sphere_conv2d(x, w, stride=stride, padding=padding, operator=op, sigmoid_k=k)
         out.sum().backward()
     assert not fused._COMPILED.get("failed")
-    assert len({key[1] for key in fused._COMPILED if key[0] == "patch_sq"}) > limit  # one per geometry
+    assert len({key[1] for key in fused._COMPILED if key[0] == "patch_rnorm"}) > limit  # one per geometry
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):

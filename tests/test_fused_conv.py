@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, REF_ATOL
+from conftest import DEVICE, REF_ATOL, assert_close
 
 from torchsphere.functional import fused_conv, sphere_conv1d, sphere_conv2d, sphere_conv3d
 
@@ -74,3 +74,19 @@ def test_sigmoid_k_shape_errors():
         sphere_conv2d(x, w, operator="learnable_sigmoid", sigmoid_k=torch.ones(2))
     with pytest.raises(ValueError, match=r"sigmoid_k tensor must be 0-d or 1-d.*got shape \(3, 1\)"):
         sphere_conv2d(x, w, operator="learnable_sigmoid", sigmoid_k=torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 1, 0), (2, 1, 1), (5, 1, 2), (4, 1, 1),
+                                                     (5, 1, 1), (3, 2, 1), (4, 1, 2)])
+def test_window_sum_transpose_is_the_adjoint(nd, kernel, stride, padding):
+    """<window_sum(s), v> = <s, window_sum_t(v)> for every path of the transpose (the flipped-padding sum pool at
+    stride 1, the pool's backward, the all-ones convolution's), float64."""
+    k, st, p, dil = (kernel,) * nd, (stride,) * nd, (padding,) * nd, (1,) * nd
+    box = fused_conv._box_padding(padding, k, 1) is not None
+    s = torch.randn(2, 3, *([7] * nd), dtype=torch.float64)
+    out = fused_conv._window_sum(s, k, st, p, dil, box)
+    v = torch.randn_like(out)
+    t = fused_conv._window_sum_t(v, s.shape, k, st, p, dil, box)
+    assert t.shape == s.shape
+    assert_close((out * v).sum(), (s * t).sum())

@@ -281,8 +281,7 @@ def tail_backward(grad: Tensor, z: Tensor, r: Tensor, k: float | Tensor | None, 
 def reduce_tail_terms(terms: tuple[Tensor, Tensor, Tensor | None], r: Tensor, k: float | Tensor | None,
                       from_output: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dL/dz, dL/dr, dL/dk) from the pointwise terms: dL/dr = sum(dL/dc * z), or sum(dL/dc * c) / r from the
-    output (z = c / r with r constant over the summed dims); dL/dk = sum(dL/dout * dg/dk). Terms already summed
-    to r's shape (by the ``_into`` kernels) are taken as they are."""
+    output (z = c / r with r constant over the summed dims); dL/dk = sum(dL/dout * dg/dk)."""
     grad_z, p, dk = terms
     grad_r = p.sum_to_size(r.shape)
     return grad_z, grad_r / r if from_output else grad_r, None if dk is None else dk.sum_to_size(k.shape)
@@ -405,10 +404,10 @@ def tail_backward_terms_into(grad_z: Tensor, grad: Tensor, z: Tensor, r: Tensor,
 def tail_backward_from_output_terms_into(grad_z: Tensor, grad: Tensor, out: Tensor, r: Tensor,
                                          k: float | Tensor | None, bias: Tensor | None, operator: str,
                                          need_k: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`tail_backward_from_output_terms` with dL/dz written into ``grad_z`` and the terms of dL/dr summed to
-    r's shape in the same compiled loop."""
+    """:func:`tail_backward_from_output_terms` with dL/dz written into ``grad_z`` and dL/dr = sum(dL/dc * c) / r
+    computed in the same compiled loop."""
     a, b, grad_k = tail_backward_from_output_terms(grad, out, r, k, bias, operator, need_k)
-    return grad_z.copy_(a), b.sum_to_size(r.shape), grad_k
+    return grad_z.copy_(a), b.sum_to_size(r.shape) / r, grad_k
 
 
 _WORKSPACE = threading.local()  # per thread: (shape, dtype, device) -> the dL/dz buffer of the backward
@@ -453,12 +452,13 @@ def tail_grads(grad: Tensor, saved: Tensor, r: Tensor, k: float | Tensor | None,
             not torch.compiler.is_compiling() and not _COMPILED.get("failed"):
         buf = _workspace(saved)
         if from_output:
-            terms = _kernel("backward_from_output_into", tail_backward_from_output_terms_into, numel)(
+            grad_z, grad_r, dk = _kernel("backward_from_output_into", tail_backward_from_output_terms_into, numel)(
                 buf, grad, saved, r, k, bias, operator, need_k)
         else:
-            terms = _kernel("backward_into", tail_backward_terms_into, numel)(buf, grad, saved, r, k, operator,
-                                                                              need_k)
-    elif from_output:
+            grad_z, grad_r, dk = _kernel("backward_into", tail_backward_terms_into, numel)(
+                buf, grad, saved, r, k, operator, need_k)
+        return grad_z, grad_r, None if dk is None else dk.sum_to_size(k.shape)
+    if from_output:
         terms = _kernel("backward_from_output", tail_backward_from_output_terms, numel)(
             grad, saved, r, k, bias, operator, need_k)
     else:

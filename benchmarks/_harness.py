@@ -138,6 +138,17 @@ def parse_env(items: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def env_suffix(env: dict[str, str]) -> str:
+    """The section-name suffix of a run with ``--env`` (its keys, lowercased), so that it does not replace the run
+    in the default environment: ``{"MALLOC_TOP_PAD_": ...}`` -> ``"_malloc_top_pad"``; ``""`` for none."""
+    return "".join("_" + key.strip("_").lower() for key in sorted(env))
+
+
+def env_label(env: dict[str, str]) -> str:
+    """``", with MALLOC_TOP_PAD_=1073741824"`` for a section title; ``""`` for the default environment."""
+    return ", with " + " ".join(f"{k}={v}" for k, v in sorted(env.items())) if env else ""
+
+
 def run_child(script: Path, job: dict, threads: int, timeout_s: float | None,
               extra_env: dict[str, str] | None = None) -> dict:
     """Runs ``script --child JOB`` with ``threads`` intra-op threads; returns the JSON the child wrote.

@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: thread counts not started in time are left out (marked)")
     p.add_argument("--env", nargs="+", metavar="KEY=VALUE", default=None,
-                   help="environment variables for the measuring processes, e.g. MALLOC_TOP_PAD_=1073741824")
+                   help="environment variables for the measuring processes, e.g. glibc's MALLOC_TOP_PAD_=1073741824; "
+                        "the figures go to a section of their own, named after the keys")
     p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
     p.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = ["case", "input", "threads", "baseline", "floor passes", "floor", "input passes only",
                "floor in the step", "cosine measured", "measured − floor in the step"]
     text = "\n".join([
-        "## The memory floor of the SphereConv tail (bench_floor, cpu, float32)",
+        f"## The memory floor of the SphereConv tail (bench_floor, cpu, float32{H.env_label(child_env)})",
         "",
         f"Command: `{command}`. Machine: {machine('cpu')}. "
         + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ]) + H.status_note(True, bool(missing))
     print(text)
     if not args.no_write:
-        write_section(SECTION, text, args.doc)
+        write_section(SECTION + H.env_suffix(child_env), text, args.doc)
     return 1 if missing else 0
 
 

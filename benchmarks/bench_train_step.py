@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: configurations not started in time are left out (marked)")
     p.add_argument("--env", nargs="+", metavar="KEY=VALUE", default=None,
-                   help="environment variables for the measuring processes, e.g. glibc's MALLOC_MMAP_THRESHOLD_ "
-                        "(recorded in the section's command)")
+                   help="environment variables for the measuring processes, e.g. glibc's MALLOC_TOP_PAD_=1073741824; "
+                        "the figures go to a section of their own, named after the keys")
     p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch the docs file")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         status = H.status_note(final, bool(missing))
         text = [
             f"## Training step: SphereNet-9 vs CNN-9 (bench_train_step, {H.device_label(args.device)}"
-            f"{', bf16 autocast' if args.autocast == 'bf16' else ', float32'})",
+            f"{', bf16 autocast' if args.autocast == 'bf16' else ', float32'}{H.env_label(child_env)})",
             "",
             f"Command: `{command}`. Machine: {machine(args.device)}. "
             + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         return "\n".join(text) + tail
 
-    name = section_name(args.device, args.autocast)
+    name = section_name(args.device, args.autocast) + H.env_suffix(child_env)
     for width, inp in configs:
         for t in threads:
             for op in args.operators:  # one process per operator (with the CNN): a cut-off run keeps the others

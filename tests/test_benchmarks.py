@@ -103,6 +103,25 @@ def test_run_child_measures_in_a_fresh_process_with_the_thread_count():
     assert all(len(t) == 2 for t in result["times"].values())
 
 
+def test_env_runs_get_a_section_and_title_of_their_own():
+    assert H.env_suffix({}) == "" and H.env_label({}) == ""
+    env = {"MALLOC_TOP_PAD_": "1073741824", "A": "1"}
+    assert H.env_suffix(env) == "_a_malloc_top_pad"
+    assert H.env_label(env) == ", with A=1 MALLOC_TOP_PAD_=1073741824"
+
+
+def test_bench_train_step_with_env_keeps_the_default_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(H.Deadline, "expired", lambda self: True)
+    doc = tmp_path / "bench.md"
+    doc.write_text("# B\n\n<!-- bench_train_step:start -->\ndefault run\n<!-- bench_train_step:end -->\n")
+    argv = ["--widths", "0.0625", "--inputs", "28x28x1", "--threads", "1", "--operators", "cosine",
+            "--env", "MALLOC_TOP_PAD_=1073741824", "--doc", str(doc)]
+    assert bench_train_step.main(argv) == 0
+    text = doc.read_text()
+    assert "default run" in text and "<!-- bench_train_step_malloc_top_pad:start -->" in text
+    assert "(bench_train_step, cpu, float32, with MALLOC_TOP_PAD_=1073741824)" in text
+
+
 def test_parse_env_and_run_child_pass_variables_to_the_child_only(tmp_path):
     assert H.parse_env(["A=1", "B_C=x=y", "D="]) == {"A": "1", "B_C": "x=y", "D": ""}
     assert H.parse_env(None) == {}

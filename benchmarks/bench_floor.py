@@ -351,14 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Where the cosine SphereNet-9 step's extra time goes, ms per step (all ten layers, wall time around each "
         f"call, mean over {rounds} steps after the rounds above). The layers' pointwise kernels (compiled at these "
-        "sizes): the patch norms (channel square-sum, window sum, reciprocal square root), the forward tail (written over z), the backward tail from "
-        "the saved output (dL/dz, with dL/dr summed in the loop) and the patch norms' gradient added into dL/dx. "
-        "`rest of the node`: the layers' autograd nodes (forward and backward) less their convolutions and "
-        "kernels: the weight normalization and its gradient, the small ops on the (N, 1, H', W') patch norms, "
-        "the kernels' Python and Dynamo entry, the node's Python. `step − CNN step`: the median over the rounds "
-        "above of the difference; `outside the nodes`: that difference less the nodes' own extra (kernels and "
-        "rest), i.e. autograd, the modules' Python and any difference between the two models' convolutions and "
-        "other layers; `floor in the step`: the in-step floor's passes, (floor in the step − 1) x baseline.",
+        "sizes): the patch norms (channel square-sum, window sum, reciprocal square root), the forward tail "
+        "(written over z), the backward tail from the saved output (dL/dz, with dL/dr summed in the loop) and the "
+        "patch norms' gradient added into dL/dx. `rest of the node`: the layers' autograd nodes (forward and "
+        "backward) less their convolutions and kernels: the weight normalization and its gradient, the small ops "
+        "on the (N, 1, H', W') patch norms, the kernels' Python and Dynamo entry, the node's Python. `step − CNN "
+        "step`: the median over the rounds above of the difference; `outside the nodes`: that difference less the "
+        "nodes' own extra (kernels and rest), i.e. autograd, the modules' Python and any difference between the two "
+        "models' convolutions and other layers (the allocator's page faults among them); `floor in the step`: the "
+        "in-step floor's passes, (floor in the step − 1) x baseline.",
         "",
         *H.markdown_table(["widths", "input", "threads", *KERNELS, "kernels total", "rest of the node",
                            "step − CNN step", "outside the nodes", "floor in the step"], kernel_rows, 3),

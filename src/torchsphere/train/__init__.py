@@ -3,8 +3,9 @@
 ``train(TrainConfig(...))`` trains one run into a folder (``config.yaml``, ``metrics.csv``, ``summary.json``,
 ``model.safetensors``, ``best.safetensors``, ``checkpoint.pt``); ``compare(spec, output)`` trains several
 configurations over seeds and writes ``report.md`` and ``convergence.png``; ``tune_cpu_allocator()`` keeps freed CPU
-tensor memory in the process (glibc), which CPU training steps run faster with. The command line (``torchsphere train`` /
-``compare`` / ``evaluate`` / ``predict``) is a thin front over these functions; see docs/training.md.
+tensor memory in the process (glibc), which CPU training steps run faster with. The command line
+(``torchsphere train`` / ``compare`` / ``evaluate`` / ``predict``) is a thin front over these functions; see
+docs/training.md.
 """
 from .allocator import tune_cpu_allocator
 from .checkpoint import atomic_write, load_checkpoint, load_weights, save_checkpoint, save_weights

@@ -480,13 +480,45 @@ def test_kernel_signatures_never_reach_the_recompile_limit(monkeypatch):
     assert len({key[1] for key in fused._COMPILED if key[0] == "patch_rnorm"}) > limit  # one per geometry
 
 
+def test_float_arguments_compile_as_constants_up_to_a_bound(monkeypatch):
+    """Each sigmoid k compiles its own copy of a kernel with k (and the module's float constants) as constants of
+    the graph, for ``FLOAT_SPECIALIZATIONS`` values; further values share one copy that takes them as inputs.
+    Every copy gives the reference output, and Dynamo's ``specialize_float`` is restored after each call."""
+    inputs = []  # the number of graph inputs of each compiled forward kernel, in compilation order
+    compile_kernel = fused.compile_kernel
+
+    def recording(fn, **options):
+        def backend(gm, example_inputs):
+            if fn is fused.tail_forward:
+                inputs.append(sum(node.op == "placeholder" for node in gm.graph.nodes))
+            return gm.forward
+        return compile_kernel(fn, backend=backend, **options)
+
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "compile_kernel", recording)
+    before = torch._dynamo.config.specialize_float
+    x = torch.randn(2, 3, 5, 5).to(DEVICE)
+    w = torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()  # a gradient: the compiled kernels run
+    ks = [0.1 + 0.05 * i for i in range(fused.FLOAT_SPECIALIZATIONS + 3)]
+    for k in ks:
+        out = sphere_conv2d(x, w, operator="sigmoid", sigmoid_k=k)
+        torch.testing.assert_close(out, sphere_conv2d(x, w, operator="sigmoid", sigmoid_k=k, impl="reference"),
+                                   rtol=0, atol=REF_ATOL[torch.float32])
+        assert torch._dynamo.config.specialize_float == before
+    (copies,) = [copies for key, copies in fused._COMPILED.items() if key[0] == "forward"]
+    assert set(copies) == {(k,) for k in ks[:fused.FLOAT_SPECIALIZATIONS]} | {None}
+    assert len(inputs) == fused.FLOAT_SPECIALIZATIONS + 1  # the shared copy compiled once for the last 3 values
+    assert len(set(inputs[:-1])) == 1 and inputs[-1] > inputs[0]  # only the shared copy takes k as an input
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
     monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(fused, "compile_kernel", lambda fn: broken)
+    monkeypatch.setattr(fused, "compile_kernel", lambda fn, **options: broken)
     x, w = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE).requires_grad_()
     with pytest.warns(RuntimeWarning, match="compiling the fused SphereConv tail failed"):
         out = sphere_conv2d(x, w, operator="linear")

@@ -167,8 +167,8 @@ def step_breakdown(step, steps: int) -> dict[str, float]:
     saved = (fused._kernel, fused_conv._CONV, fused_conv._CONV_BACKWARD, fn_cls.__dict__["forward"],
              fn_cls.__dict__["backward"])
     original = fused._kernel
-    fused._kernel = fused_conv._kernel = lambda name, fn, numel, inference=False: timed(
-        name, original(name, fn, numel, inference))
+    fused._kernel = fused_conv._kernel = lambda name, fn, numel, inference=False, **options: timed(
+        name, original(name, fn, numel, inference, **options))
     fused_conv._CONV = tuple(timed("conv", f) for f in saved[1])
     fused_conv._CONV_BACKWARD = timed("conv", saved[2])
     fn_cls.forward = staticmethod(timed("node", saved[3].__func__))

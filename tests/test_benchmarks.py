@@ -25,6 +25,7 @@ sys.path.insert(0, str(BENCH))
 import _harness as H  # noqa: E402
 import _report  # noqa: E402
 import bench_floor  # noqa: E402
+import bench_kernels  # noqa: E402
 import bench_ops  # noqa: E402
 import bench_train_step  # noqa: E402
 import gpu_report  # noqa: E402
@@ -295,6 +296,50 @@ def test_bench_ops_budget_leaves_shapes_out_and_says_so(tmp_path, monkeypatch):
     assert bench_ops.main(["--shapes", "2,3,5,4", "--threads", "1", "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "| (2, 3, 5, 4) | nn.Conv2d | — | budget |" in text and "Run incomplete" in text
+
+
+def test_bench_kernels_writes_a_row_per_operator_and_kernel(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    rc = bench_kernels.main(["--quick", "--backend", "eager", "--threads", "1", "--operators", "cosine",
+                             "learnable_sigmoid", "--doc", str(doc)])
+    assert rc == 0
+    text = doc.read_text()
+    assert "kept" in text and "<!-- bench_kernels:start -->" in text and "Run incomplete" not in text
+    section = text[text.index("<!-- bench_kernels:start -->"):]
+    assert "| operator | kernel | 1 thr | 1 thr, passes | 1 thr, floats as inputs |" in section
+    assert re.search(r"\| one pass \(`torch.mul\(a, s, out=b\)`\) \| — \| [\d.]+ ms \| 1.0 \| — \|", section)
+    for operator in ("cosine", "learnable_sigmoid"):
+        for kernel in bench_kernels.KERNELS:
+            assert re.search(rf"\| {operator} \| {kernel} \| [\d.]+ ms \| [\d.]+ \| [\d.]+ ms \|", section)
+    assert "linear" not in section.split("| operator |")[1]  # only the operators asked for
+
+
+def test_bench_kernels_float_modes_keep_their_own_kernels_and_restore_the_library():
+    caches = {mode: {} for mode in bench_kernels.FLOATS}
+    seen = []
+    before = (bench_kernels.fused._COMPILED, bench_kernels.fused._CAN_SPECIALIZE_FLOATS)
+    for mode in bench_kernels.FLOATS:
+        bench_kernels.in_mode(lambda: seen.append((bench_kernels.fused._COMPILED,
+                                                   bench_kernels.fused._CAN_SPECIALIZE_FLOATS)), mode, caches)()
+    assert seen[0][0] is caches["constants"] and seen[0][1] == before[1]
+    assert seen[1] == (caches["inputs"], False)
+    assert (bench_kernels.fused._COMPILED, bench_kernels.fused._CAN_SPECIALIZE_FLOATS) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds must be > 0; got 0"),
+    (["--threads", "0"], "--threads must be >= 1; got 0"),
+    (["--shape", "8", "0", "4", "4"], "--shape must be > 0; got 0"),
+    (["--shape", "8", "4"], "--shape: expected 4 arguments"),
+    (["--backend", "tvm"], "invalid choice: 'tvm'"),
+    (["--operators", "tanh"], "invalid choice: 'tanh'"),
+])
+def test_bench_kernels_argument_errors_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_kernels.main(argv + ["--no-write"])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_bench_floor_writes_its_section(tmp_path):

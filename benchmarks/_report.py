@@ -13,6 +13,21 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo's ``model name``) with the architecture, e.g. ``x86_64, Intel(R)
+    Xeon(R) Processor``; the architecture alone where the file is missing. Virtual machines of one name can run on
+    different processors, whose ratios differ: the model says which one a figure comes from."""
+    arch = platform.machine() or platform.processor()
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return f"{arch}, {value.strip()}"
+    except OSError:
+        pass
+    return arch
+
+
 def machine(device: str | None = None) -> str:
     """One line naming the hardware and software a figure was measured on.
 
@@ -21,7 +36,7 @@ def machine(device: str | None = None) -> str:
             ``"cpu"``/``"cuda"``: the figures come from child processes that state their own thread counts, and a
             CUDA line names the GPU (``torch.cuda.get_device_name()``) and the CUDA version torch was built with.
     """
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    cpu = f"{cpu_model()}, {os.cpu_count()} CPU cores"
     soft = f"torch {torch.__version__}, Python {platform.python_version()}"
     if device is None:
         return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"

@@ -12,7 +12,7 @@ polynomials of :mod:`torchsphere.functional.fast_math`, an exp (sigmoid forward)
 divisions, and where that arithmetic costs more than the traffic the kernel is compute-bound.
 
 Beside it, the same kernels compiled with the Python floats -- pi, the polynomials' coefficients, the clamp bounds,
-the sigmoid k -- as run-time inputs of the generated code (PyTorch's default since 2.6, ``torch._dynamo.config
+the sigmoid k -- as run-time inputs of the generated code (the default of recent PyTorch, ``torch._dynamo.config
 .specialize_float = False``), which the library avoids by compiling them as constants (``fused._call_compiled``).
 
 Inputs: z uniform in [-0.9, 0.9] with r = 1 (so the cosines cover the domain without the clamp), dL/dout normal,

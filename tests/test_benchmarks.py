@@ -83,6 +83,18 @@ def test_markdown_table_and_load_line():
     assert "0.5 at the start and 2.5 at the end" in line and "between 1.0 and 3.0" in line
 
 
+def test_cpu_model_names_the_processor_and_falls_back_to_the_architecture(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    arch = _report.cpu_model(tmp_path / "missing")
+    assert arch and "EPYC" not in arch
+    assert _report.cpu_model(info) == f"{arch}, AMD EPYC 9654 96-Core Processor"
+    info.write_text("processor\t: 0\nmodel name\t:   \n")  # an empty name: the architecture alone
+    assert _report.cpu_model(info) == arch
+    assert _report.cpu_model(tmp_path / "missing") in _report.machine("cpu")
+
+
 def test_write_section_replaces_only_its_own_section(tmp_path):
     doc = tmp_path / "bench.md"
     _report.write_section("one", "first", doc)

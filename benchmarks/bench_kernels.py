@@ -19,7 +19,9 @@ Inputs: z uniform in [-0.9, 0.9] with r = 1 (so the cosines cover the domain wit
 k = 0.3 (``learnable_sigmoid``: a per-channel tensor of 0.3, so dL/dk is computed and reduced). Each thread count is
 measured in a fresh process (``OMP_NUM_THREADS=N``, ``torch.set_num_threads(N)``, Inductor's compile workers off so
 that they do not run beside the timing); every kernel runs twice to compile and warm up, then all run interleaved in
-a rotated order. A cell is the median over rounds. About 2 minutes per thread count on an idle 2-core x86_64 CPU
+a rotated order, each call after writing a 512 MiB scratch tensor (not timed), which evicts the tensors of the
+call before from the caches: a kernel reads its inputs from memory, as inside a training step, where the
+convolutions between two passes over a tensor push it out. A cell is the median over rounds. About 2.5 minutes per thread count on an idle 2-core x86_64 CPU
 once Inductor's on-disk cache holds the kernels (the first run compiles 24, a few minutes more).
 
 Usage:
@@ -53,6 +55,7 @@ SHAPE = (128, 32, 28, 28)  # the first stage of SphereNet-9 at width 0.25 on 28x
 QUICK_SHAPE = (2, 8, 8, 8)
 BACKENDS = ("inductor", "aot_eager", "eager")
 PASS = "pass"
+FLUSH_MIB = 512  # written before every timed call, so that no call finds the tensors of the one before in a cache
 
 
 def tail_inputs(shape: tuple[int, ...], operator: str) -> dict:
@@ -106,7 +109,15 @@ def child(job: dict) -> None:
             step()
             step()
         time.sleep(job["settle_s"])
-        times = H.interleaved(steps, job["rounds"], "cpu", warmup=0)
+        scratch = torch.empty(job["flush_mib"] << 18)  # float32: flush_mib MiB
+        names = list(steps)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(job["rounds"]):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                scratch.fill_(r)  # evicts the tensors of the step before from the caches (not timed)
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
         result["ms"] = {name: 1e3 * statistics.median(v) for name, v in times.items()}
         result["passes"] = {name: H.paired_median(times, name, PASS) for name in times if name != PASS}
 
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/bench_kernels.py", *(sys.argv[1:] if argv is None else argv)])
     start, load_start = time.perf_counter(), H.load1()
     job = dict(shape=list(shape), operators=args.operators, rounds=rounds, backend=args.backend,
-               settle_s=0 if args.quick else 3)
+               settle_s=0 if args.quick else 3, flush_mib=1 if args.quick else FLUSH_MIB)
     done: dict[int, dict] = {}
     for t in threads:
         try:
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
         + f" Wall time {wall / 60:.1f} min. Compiler: {args.backend}.", "",
         f"Output shape {shape}, float32; medians over {rounds} interleaved rounds, each thread count in a fresh "
-        "process. `passes`: the kernel's time over one pass over the tensor (a read and a write) in the same round, "
+        "process, each call after a write of a 512 MiB scratch tensor that evicts the caches. `passes`: the kernel's time over one pass over the tensor (a read and a write) in the same round, "
         "median over rounds. `floats as inputs`: the same kernel compiled with the Python floats (pi, the "
         "polynomials' coefficients, the clamp bounds, k) as run-time inputs of the generated code, PyTorch's default; "
         "the library compiles them as constants. The backward kernels write dL/dz into a buffer and reduce dL/dr "

@@ -369,9 +369,10 @@ def _call_compiled(compiled: Callable, args: tuple, specialize_floats: bool):
     """``compiled(*args)``; with ``specialize_floats``, Dynamo traces the Python floats it meets -- the float
     arguments and the module constants (pi, the polynomial coefficients of :mod:`.fast_math`, the clamp bounds)
     -- as constants of the generated code rather than as run-time inputs (``torch._dynamo.config
-    .specialize_float``; PyTorch's default (as of torch 2.13) keeps them inputs, which the generated C++ loop then loads
-    and converts in every iteration: measured at 4M float32 elements, 1 thread, ``asin_poly`` 1.47 -> 0.92 ms,
-    the linear operator's backward from the output 6.6 -> 3.5 ms). The setting matters only while Dynamo traces;
+    .specialize_float``; PyTorch's default as of torch 2.13 keeps them inputs, which the generated C++ loop loads
+    and converts in every iteration: ``benchmarks/bench_kernels.py`` at (128, 32, 28, 28), float32, measures the
+    linear operator's backward from the output at 6.6 ms instead of 14.7 (1 thread) and 3.6 instead of 7.9 (2
+    threads), the sigmoid forward at 7.3 instead of 9.5). The setting matters only while Dynamo traces;
     it is restored after the call (recent PyTorch keeps it per thread, in a context variable)."""
     if not (specialize_floats and _CAN_SPECIALIZE_FLOATS):
         return compiled(*args)

@@ -510,6 +510,12 @@ def test_float_arguments_compile_as_constants_up_to_a_bound(monkeypatch):
     assert set(copies) == {(k,) for k in ks[:fused.FLOAT_SPECIALIZATIONS]} | {None}
     assert len(inputs) == fused.FLOAT_SPECIALIZATIONS + 1  # the shared copy compiled once for the last 3 values
     assert len(set(inputs[:-1])) == 1 and inputs[-1] > inputs[0]  # only the shared copy takes k as an input
+    # learnable_sigmoid's backward from the output (measured slower with constants) takes the shared copy
+    layer = SphereConv2d(3, 4, 3, operator="learnable_sigmoid", memory_efficient=True).to(DEVICE)
+    layer(x.requires_grad_()).sum().backward()
+    if DEVICE.type == "cpu":  # the CPU training path's kernel
+        (copies,) = [copies for key, copies in fused._COMPILED.items() if key[0] == "backward_from_output_into"]
+        assert set(copies) == {None}
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):

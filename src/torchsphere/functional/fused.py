@@ -371,8 +371,8 @@ def _call_compiled(compiled: Callable, args: tuple, specialize_floats: bool):
     -- as constants of the generated code rather than as run-time inputs (``torch._dynamo.config
     .specialize_float``; PyTorch's default as of torch 2.13 keeps them inputs, which the generated C++ loop loads
     and converts in every iteration: ``benchmarks/bench_kernels.py`` at (128, 32, 28, 28), float32, measures the
-    linear operator's backward from the output at 6.6 ms instead of 14.7 (1 thread) and 3.6 instead of 7.9 (2
-    threads), the sigmoid forward at 7.3 instead of 9.5). The setting matters only while Dynamo traces;
+    linear operator's backward from the output at 5.8 ms instead of 13.0 (1 thread) and 3.3 instead of 7.6 (2
+    threads), the sigmoid forward at 6.2 instead of 9.8). The setting matters only while Dynamo traces;
     it is restored after the call (recent PyTorch keeps it per thread, in a context variable)."""
     if not (specialize_floats and _CAN_SPECIALIZE_FLOATS):
         return compiled(*args)
@@ -384,17 +384,19 @@ def _call_compiled(compiled: Callable, args: tuple, specialize_floats: bool):
         _DYNAMO_CONFIG.specialize_float = before
 
 
-def _compiled_for(name: str, fn: Callable, args: tuple, options: dict | None) -> tuple[Callable, bool]:
+def _compiled_for(name: str, fn: Callable, args: tuple, options: dict | None,
+                  specialize_floats: bool = True) -> tuple[Callable, bool]:
     """The compiled copy of ``fn`` for this call's signature, and whether it specializes its floats.
 
     Each float-argument value (a sigmoid operator's k, a patch norm's eps) gets a copy of its own, up to
-    ``FLOAT_SPECIALIZATIONS`` values per kernel and signature; beyond that one shared copy takes the floats as
-    run-time inputs, so a process that sweeps many values (a k search) never compiles without end."""
+    ``FLOAT_SPECIALIZATIONS`` values per kernel and signature; beyond that (or without ``specialize_floats``) one
+    shared copy takes the floats as run-time inputs, so a process that sweeps many values (a k search) never
+    compiles without end."""
     copies = _COMPILED.setdefault((name, _signature(args)), {})
     values = tuple(a for a in args if isinstance(a, float))
-    if values in copies:
+    if specialize_floats and values in copies:
         return copies[values], True
-    if len(copies) < FLOAT_SPECIALIZATIONS:
+    if specialize_floats and len(copies) < FLOAT_SPECIALIZATIONS:
         copies[values] = _compile(fn, options)
         return copies[values], True
     if None not in copies:
@@ -407,8 +409,12 @@ def _compile(fn: Callable, options: dict | None) -> Callable:
     return compile_kernel(fn) if options is None else compile_kernel(fn, options=options)
 
 
-def _kernel(name: str, fn: Callable, numel: int, inference: bool = False, options: dict | None = None) -> Callable:
+def _kernel(name: str, fn: Callable, numel: int, inference: bool = False, options: dict | None = None,
+            specialize_floats: bool = True) -> Callable:
     """The compiled ``fn`` for large tensors outside a trace, else ``fn`` itself (see the module docstring).
+
+    ``options``: Inductor options of this kernel; ``specialize_floats``: compile the Python floats as constants
+    (:func:`_call_compiled`).
 
     ``inference``: no input requires a gradient (``torch.no_grad()``, a frozen model); then a kernel that has not
     been compiled in this process runs eagerly instead of waiting for its compilation. (Grad mode itself cannot
@@ -421,8 +427,8 @@ def _kernel(name: str, fn: Callable, numel: int, inference: bool = False, option
 
     def run(*args):
         try:
-            compiled, specialize_floats = _compiled_for(name, fn, args, options)
-            out = _call_compiled(compiled, args, specialize_floats)
+            compiled, specialized = _compiled_for(name, fn, args, options, specialize_floats)
+            out = _call_compiled(compiled, args, specialized)
             _WARM.add(name)
             return out
         except Exception as err:  # noqa: BLE001 -- any compiler failure: fall back to the eager kernel for good
@@ -515,7 +521,10 @@ def tail_grads(grad: Tensor, saved: Tensor, r: Tensor, k: float | Tensor | None,
             not torch.compiler.is_compiling() and not _COMPILED.get("failed"):
         buf = _workspace(saved)
         if from_output:
-            grad_z, grad_r, dk = _kernel("backward_from_output_into", tail_backward_from_output_terms_into, numel)(
+            # learnable_sigmoid's (a tensor k) is slower with the floats as constants (bench_kernels: 16.4 ms
+            # against 13.4 at (128, 32, 28, 28), 1 thread; 9.4 against 7.0 at 2)
+            grad_z, grad_r, dk = _kernel("backward_from_output_into", tail_backward_from_output_terms_into, numel,
+                                         specialize_floats=not isinstance(k, Tensor))(
                 buf, grad, saved, r, k, bias, operator, need_k)
         else:
             options = _INLINE_ALL if operator == "sigmoid" else None

@@ -12,6 +12,7 @@ its results as JSON to the file the parent names. ``time.perf_counter`` brackets
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -173,6 +174,17 @@ def run_child(script: Path, job: dict, threads: int, timeout_s: float | None,
         return json.loads(Path(out).read_text())
     finally:
         Path(out).unlink(missing_ok=True)
+
+
+def parse_or_run_child(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                       child: Callable[[dict], None]) -> argparse.Namespace | None:
+    """The parsed arguments; or, for a ``--child JOB`` invocation (:func:`run_child`), runs ``child(JOB)`` and
+    returns None."""
+    args = parser.parse_args(argv)
+    if getattr(args, "child", None):
+        child(json.loads(args.child))
+        return None
+    return args
 
 
 @contextlib.contextmanager

@@ -40,7 +40,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -269,9 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
+    args = H.parse_or_run_child(parser, argv, child)
+    if args is None:  # this process was a measuring child
         return 0
     try:
         rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)

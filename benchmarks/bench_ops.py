@@ -32,7 +32,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -165,9 +164,8 @@ def section_name(device: str, autocast: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
+    args = H.parse_or_run_child(parser, argv, child)
+    if args is None:  # this process was a measuring child
         return 0
     try:
         rounds = args.rounds if args.rounds is not None else (3 if args.quick else 10)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -276,9 +275,8 @@ def section_name(device: str, autocast: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
+    args = H.parse_or_run_child(parser, argv, child)
+    if args is None:  # this process was a measuring child
         return 0
     try:
         rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)

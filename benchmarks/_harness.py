@@ -176,6 +176,13 @@ def run_child(script: Path, job: dict, threads: int, timeout_s: float | None,
         Path(out).unlink(missing_ok=True)
 
 
+def add_output_arguments(parser: argparse.ArgumentParser, doc: Path) -> None:
+    """``--doc``, ``--no-write`` and the hidden ``--child`` (:func:`parse_or_run_child`) of a measuring script."""
+    parser.add_argument("--doc", type=Path, default=doc, help="Markdown file to write the section into")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
 def parse_or_run_child(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                        child: Callable[[dict], None]) -> argparse.Namespace | None:
     """The parsed arguments; or, for a ``--child JOB`` invocation (:func:`run_child`), runs ``child(JOB)`` and

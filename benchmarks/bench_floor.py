@@ -260,9 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", nargs="+", metavar="KEY=VALUE", default=None,
                    help="environment variables for the measuring processes, e.g. glibc's MALLOC_TOP_PAD_=1073741824; "
                         "the figures go to a section of their own, named after the keys")
-    p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
-    p.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    H.add_output_arguments(p, DOC)
     return p
 
 

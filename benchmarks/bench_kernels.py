@@ -132,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thread counts, each measured in a fresh process (default 1 2)")
     p.add_argument("--backend", choices=BACKENDS, default="inductor",
                    help="compiler of the kernels (default inductor; the others only check that the script runs)")
-    p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
-    p.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    H.add_output_arguments(p, DOC)
     return p
 
 

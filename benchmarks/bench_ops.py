@@ -152,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls per timed sample (default 1 on CPU, 10 on CUDA, where one call is too short)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: shapes not started in time are left out (marked in the section)")
-    p.add_argument("--doc", type=Path, default=DOC, help="Markdown file to write the section into")
-    p.add_argument("--no-write", action="store_true", help="print only, leave the docs file alone")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    H.add_output_arguments(p, DOC)
     return p
 
 

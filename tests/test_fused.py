@@ -445,9 +445,22 @@ def test_backward_workspace_is_reused_across_layers_and_gives_the_reference_grad
             grads[impl] = torch.autograd.grad(forward(x, impl).square().sum(), params)
     for a, e in zip(grads["fused"], grads["reference"]):
         torch.testing.assert_close(a, e, rtol=0, atol=REF_ATOL[torch.float64])
+    assert any(key[0] == "backward_pointwise_into" for key in fused._COMPILED)  # linear's two-kernel backward
     assert set(fused._WORKSPACE.buffers) == {((2, 4, 6, 6), torch.float64, torch.device("cpu")),
                                              ((2, 4, 1, 6, 6), torch.float64, torch.device("cpu")),
                                              ((2, 2, 2, 6, 6), torch.float64, torch.device("cpu"))}
+
+
+def test_grad_r_from_grad_z_is_the_channel_sum_and_zero_where_r_is_zero():
+    """dL/dr from dL/dz = dL/dc * r equals sum(dL/dc * z) (float64), and is 0, not NaN, where r underflowed to 0."""
+    torch.manual_seed(0)
+    gc, z = torch.randn(2, 5, 3, 4, dtype=torch.float64), torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    r = torch.rand(2, 1, 3, 4, dtype=torch.float64) + 0.1
+    r[0, 0, 1, 2] = 0.0
+    got = fused.grad_r_from_grad_z(gc * r, z, r)
+    want = (gc * z).sum(1, keepdim=True)
+    want[0, 0, 1, 2] = 0.0
+    torch.testing.assert_close(got, want, rtol=0, atol=REF_ATOL[torch.float64])
 
 
 def test_backward_workspace_keeps_a_bounded_number_of_shapes():

@@ -63,8 +63,9 @@ further and makes the whole layer one node, with the kernels of this module):
    Measured on 400,001 float32 cosines in [-1, 1] (inside the clamp, the compiled kernels) against the float64
    gradient at the same cosines, the largest absolute error of dg/dc (save-output vs save-z) is: linear 1.8e-3 vs
    1.5e-3 (|dg/dc| up to 201), sigmoid k = 0.3 6.2e-3 vs 1.1e-4 (up to 11.3), k = 0.1 9.8e-4 vs 2.3e-4 (up to
-   5.0), k = 0.05 2.1e-5 vs 2.1e-5 (up to 10.0) -- at most 5.5e-4 of the largest gradient; float64 agrees to 1e-11. The models of :mod:`torchsphere.models` use this mode:
-   they apply no in-place op to a convolution's output. In this mode the convolution output z is needed by nobody
+   5.0), k = 0.05 2.1e-5 vs 2.1e-5 (up to 10.0) -- at most 5.5e-4 of the largest gradient; float64 agrees to
+   1e-11. The models of :mod:`torchsphere.models` use this mode: they apply no in-place op to a convolution's
+   output. In this mode the convolution output z is needed by nobody
    else, so the functional ops hand it over (``save="output-inplace"``) and the forward writes g into z's buffer
    instead of allocating a new full-size tensor (not for grouped convolutions, whose z is reshaped into a view).
    Inside a ``torch.compile``/``torch.export`` trace the layers save z whatever ``memory_efficient`` says
@@ -220,10 +221,10 @@ def _sin_cos_half_pi(x: Tensor, cos_relative: bool) -> tuple[Tensor, Tensor]:
 
     The backward from the output divides by this cosine (sin theta), which the acos clamp keeps at or above
     sin(theta_lo) = 1.4e-3, where one pair's error is 1.7e-4 relative, below the inversion's own error there (the
-    module docstring, item 5: the save-output gradients of the sigmoid operators are as precise either way). The sigmoid operators use one pair (their backward
-    from the output, ``bench_kernels``, (128, 32, 28, 28), 1 thread: 7.5 ms instead of 11.9); linear keeps two, which
-    is faster there (5.5 ms against 8.0: with one pair Inductor recomputes the inversion in the channel reduction
-    instead of storing dL/dc * c).
+    module docstring, item 5: the save-output gradients of the sigmoid operators are as precise either way). The
+    sigmoid operators use one pair (their backward from the output, ``bench_kernels``, (128, 32, 28, 28), 1 thread:
+    7.5 ms instead of 11.9); linear keeps two, which is faster there (5.5 ms against 8.0: with one pair Inductor
+    recomputes the inversion in the channel reduction instead of storing dL/dc * c).
     """
     if x.dtype == torch.float64:
         return torch.sin((math.pi / 2) * x), torch.cos((math.pi / 2) * x)

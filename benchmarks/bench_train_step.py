@@ -25,7 +25,9 @@ the peak counter and runs one more step. CPU: the peak RSS (``echo 5 > /proc/sel
 (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the RSS; CUDA: ``torch.cuda.max_memory_allocated`` minus the
 allocated memory before the step. Target <= 1.3x the CNN. ``--profile`` (optional, CPU): a ``torch.profiler``
 profile of one step per model (CNN and each operator as ``create_model`` builds it, largest width, 32x32x3) sums
-the self CPU time per category of op: what the remaining cost is.
+the self CPU time per category of op: what the remaining cost is; with ``--compile`` a second table profiles
+``torch.compile(model)`` of each, with the convolutions and Inductor's generated kernels apart for the forward
+and the backward (the step's forward + loss and its backward run in named ``record_function`` ranges).
 
 Time on an otherwise idle 2-core x86_64 CPU (from the step times of the earlier, eager-only figures: 0.35-2.3 s a
 step at 1 thread for these widths; the ``--quick`` run at 1 thread took 20.9 min wall and 2.7 min CPU at load
@@ -187,38 +189,81 @@ def child(job: dict) -> None:
         (memory_child if job["kind"] == "memory" else time_child)(job, result)
 
 
-# what each profiled op belongs to, by name (first match); the compiled graphs are the fused sphere kernels
-CATEGORIES = (("convolution (forward + backward)", ("convolution",)),
-              ("BatchNorm", ("batch_norm",)),
-              ("sphere pointwise kernels (compiled tail and channel square-sum)", ("CompiledFxGraph",)),
-              ("patch-norm window sum (avg-pool / all-ones conv) and rsqrt", ("avg_pool", "rsqrt")),
-              ("max-pool, ReLU", ("max_pool", "threshold", "clamp_min", "relu")),
-              ("other (elementwise, copies, optimizer, autograd)", ("",)))
+# what each profiled op belongs to: (row, phase or None for any, name keys), first match; in the eager models the
+# compiled graphs are the fused sphere kernels, in the compiled ones Inductor's kernels of the whole model
+CATEGORIES = (("convolution (forward + backward)", None, ("convolution",)),
+              ("BatchNorm", None, ("batch_norm",)),
+              ("sphere pointwise kernels (compiled tail and channel square-sum)", None, ("CompiledFxGraph",)),
+              ("patch-norm window sum (avg-pool / all-ones conv) and rsqrt", None, ("avg_pool", "rsqrt")),
+              ("max-pool, ReLU", None, ("max_pool", "threshold", "clamp_min", "relu")),
+              ("other (elementwise, copies, optimizer, autograd)", None, ("",)))
+COMPILED_CATEGORIES = (("convolution, forward", "forward", ("convolution",)),
+                       ("convolution, backward", "backward", ("convolution",)),
+                       ("Inductor's kernels, forward graph", "forward", ("CompiledFxGraph",)),
+                       ("Inductor's kernels, backward graph", "backward", ("CompiledFxGraph",)),
+                       ("other (optimizer, autograd, Python)", None, ("",)))
+PHASES = {"bench_train_step:forward": "forward", "bench_train_step:backward": "backward"}  # record_function ranges
 
 
-def profile_step(operator: str | None, width: float, batch: int) -> dict[str, float]:
-    """Self CPU time (ms) of one step of the model as ``create_model`` builds it, summed per category."""
-    model, opt, x, y = build(operator, width, 3, 32, operator is not None, batch, "cpu")
-    train_step(model, opt, x, y, "fused")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train_step(model, opt, x, y, "fused")
-    totals = {name: 0.0 for name, _ in CATEGORIES}
-    for event in prof.key_averages():
-        name = next(n for n, keys in CATEGORIES if any(k in event.key for k in keys))
+def profiled_step(model, opt, x, y) -> None:
+    """:func:`train_step` (fused, float32) with the forward + loss and the backward in named profiler ranges."""
+    opt.zero_grad(set_to_none=True)
+    with torch.profiler.record_function("bench_train_step:forward"):
+        loss = F.cross_entropy(model(x), y)
+    with torch.profiler.record_function("bench_train_step:backward"):
+        loss.backward()
+    opt.step()
+
+
+def phase_of(event) -> str | None:
+    """The profiler range of :data:`PHASES` that ``event`` ran in (its nearest such ancestor), or None."""
+    while event is not None:
+        if event.name in PHASES:
+            return PHASES[event.name]
+        event = event.cpu_parent
+    return None
+
+
+def categorize(events, categories) -> dict[str, float]:
+    """Self CPU time (ms) of profiler ``events`` summed per row of ``categories`` (first match; the last matches
+    all)."""
+    totals = {name: 0.0 for name, _, _ in categories}
+    for event in events:
+        if event.name in PHASES:
+            continue
+        phase = phase_of(event.cpu_parent)
+        name = next(n for n, want, keys in categories
+                    if (want is None or want == phase) and any(k in event.name for k in keys))
         totals[name] += event.self_cpu_time_total / 1e3
     return totals
 
 
-def profiles(width: float, batch: int, threads: int) -> str:
+def profile_step(operator: str | None, width: float, batch: int, compiled: bool = False,
+                 backend: str = "inductor") -> dict[str, float]:
+    """Self CPU time (ms) of one step of the model as ``create_model`` builds it, summed per category
+    (:data:`COMPILED_CATEGORIES` for ``torch.compile(model)``, which steps twice first to compile)."""
+    model, opt, x, y = build(operator, width, 3, 32, operator is not None, batch, "cpu")
+    fn = H.compile_fn(model, backend) if compiled else model
+    for _ in range(2 if compiled else 1):
+        profiled_step(fn, opt, x, y)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        profiled_step(fn, opt, x, y)
+    return categorize(prof.events(), COMPILED_CATEGORIES if compiled else CATEGORIES)
+
+
+def profiles(width: float, batch: int, threads: int, compiled: bool = False, backend: str = "inductor") -> str:
     """A table: where one step's time goes, CNN against every operator (``memory_efficient``), 32x32x3."""
     torch.set_num_threads(threads)
     cols = [("CNN", None)] + [(op, op) for op in OPERATORS]
-    data = {label: profile_step(op, width, batch) for label, op in cols}
+    categories = COMPILED_CATEGORIES if compiled else CATEGORIES
+    data = {label: profile_step(op, width, batch, compiled, backend) for label, op in cols}
+    how = (f"`torch.compile(model)` (backend {backend}) of the models" if compiled else
+           "sphere models as built by `create_model`")
     lines = [f"Where one step goes (self CPU time of a `torch.profiler` profile, ms, {threads} thread(s); width "
-             f"multiplier {width}, 32x32x3, batch {batch}; sphere models as built by `create_model`):", "",
+             f"multiplier {width}, 32x32x3, batch {batch}; {how}):", "",
              "| category | " + " | ".join(label for label, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
-    for name, _ in CATEGORIES:
+    for name, _, _ in categories:
         lines.append(f"| {name} | " + " | ".join(f"{data[label][name]:.0f}" for label, _ in cols) + " |")
     lines.append("| **total** | " + " | ".join(f"{sum(data[label].values()):.0f}" for label, _ in cols) + " |")
     return "\n".join(lines)
@@ -418,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             *H.markdown_table(["widths", "input", "operator", "mode", "step peak (MiB)", "memory / CNN"], rows, 4)])
     if args.profile and not deadline.expired():
         tail += "\n\n" + profiles(max(widths), args.batch, threads[0])
+        if args.compile:
+            tail += "\n\n" + profiles(max(widths), args.batch, threads[0], True, args.compile_backend)
     elif args.profile:
         tail += "\n\n(Profile not run: the --max-minutes budget was spent.)"
     text = render(final=True, tail=tail)

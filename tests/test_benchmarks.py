@@ -398,6 +398,32 @@ def test_bench_floor_budget_leaves_thread_counts_out_and_says_so(tmp_path, monke
     assert "| 0.25 | 28x28x1 | 1 | budget |" in text and "Run incomplete" in text
 
 
+class _Event:  # the fields of torch.autograd.profiler_util.FunctionEvent that categorize reads
+    def __init__(self, name, ms, parent=None):
+        self.name, self.self_cpu_time_total, self.cpu_parent = name, ms * 1e3, parent
+
+
+def test_bench_train_step_categorize_sums_self_time_per_row_and_phase():
+    fwd, bwd = _Event("bench_train_step:forward", 1.0), _Event("bench_train_step:backward", 1.0)
+    graph = _Event("## Call CompiledFxGraph abc", 5.0, bwd)
+    events = [fwd, bwd, _Event("aten::mkldnn_convolution", 2.0, fwd), _Event("aten::convolution_backward", 3.0, bwd),
+              graph, _Event("aten::empty", 0.5, graph), _Event("## Call CompiledFxGraph def", 4.0, fwd),
+              _Event("Optimizer.step#Adam.step", 7.0)]
+    got = bench_train_step.categorize(events, bench_train_step.COMPILED_CATEGORIES)
+    assert got == {"convolution, forward": 2.0, "convolution, backward": 3.0,
+                   "Inductor's kernels, forward graph": 4.0, "Inductor's kernels, backward graph": 5.0,
+                   "other (optimizer, autograd, Python)": 7.5}  # the phase ranges' own time is left out
+    eager = bench_train_step.categorize(events, bench_train_step.CATEGORIES)
+    assert eager["convolution (forward + backward)"] == 5.0 and sum(eager.values()) == 21.5
+
+
+def test_bench_train_step_profile_puts_the_convolution_backward_in_the_backward_phase():
+    got = bench_train_step.profile_step("cosine", 0.0625, 2, compiled=True, backend="eager")
+    assert got["convolution, forward"] > 0 and got["convolution, backward"] > 0
+    # the eager backend traces only: no Inductor graph to count
+    assert got["Inductor's kernels, forward graph"] == got["Inductor's kernels, backward graph"] == 0
+
+
 def test_bench_train_step_budget_leaves_configurations_out_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(H.Deadline, "expired", lambda self: True)
     doc = tmp_path / "bench.md"

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from conftest import DEVICE, SAVE_OUTPUT_GRAD_RTOL_OF_MAX, TOL, assert_close
 from torchsphere.functional import (angular_margin_logits, patch_norm_sq, sphere_conv1d, sphere_conv2d, sphere_conv3d,
                                     sphere_linear)
+from torchsphere.functional.fused_conv import patch_rnorm_pair_kernel
 from torchsphere.functional.norms import (channel_square_sum_safe, filter_norm_safe, patch_norm_safe, safe_norm,
                                           safe_normalize, safe_rnorm)
-from torchsphere.nn import AngularHead, SphereNorm1d, SphereNorm2d, SphereNorm3d
+from torchsphere.nn import AngularHead, SphereConv2d, SphereNorm1d, SphereNorm2d, SphereNorm3d
 from torchsphere.regularizers import hyperspherical_energy, mgd, mhc, mhp, mhs, r_mhp
 from torchsphere.regularizers.energy import stochastic_energy
 
@@ -224,6 +225,47 @@ def test_sphere_conv_at_scale(nd, operator, groups, impl, memory_efficient, scal
                            impl=impl, memory_efficient=memory_efficient)
     _check_fn(fn, inputs, _g_floors((2, c_out, *SPATIAL[nd]), 1),
               atol_grad=SAVE_OUTPUT_GRAD_RTOL_OF_MAX if memory_efficient else None)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("operator", ("linear", "learnable_sigmoid"))
+@pytest.mark.parametrize("nd", (1, 2, 3))
+def test_sphere_conv_at_scale_inside_a_trace(nd, operator, scale, monkeypatch):
+    """Inside torch.compile / torch.export the patch norm cannot branch on data: on CPU its float32 squares come
+    with a scaled copy for the overflowed ones (``patch_rnorm_pair_kernel``), still as exact as float64."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    test_sphere_conv_at_scale(nd, operator, 2, "fused", True, scale)
+
+
+@pytest.mark.parametrize("scale", SCALES + (3e38,))
+def test_patch_rnorm_pair_kernel_matches_float64(scale):
+    """Beside the scaled inputs, mixed magnitudes: windows of 1e-3 entries next to 1e30 ones keep their own norm."""
+    x = _x((2, 6, 5, 7), scale).clamp(-3.4e38, 3.4e38).float()
+    x[1, :, :, :2] = 1e30
+    x[1, :, :, 2:] = 1e-3
+    args = ((3, 3), (1, 1), (1, 1), (1, 1), 2, True)
+    r = patch_rnorm_pair_kernel(x, *args, EPS)
+    x64 = x.double()
+    r64 = torch.rsqrt(F.avg_pool2d(x64.square().reshape(2, 2, 3, 5, 7).sum(2), 3, 1, 1, False, True, 1) + EPS)
+    assert r.dtype == torch.float32 and bool(torch.isfinite(r).all())
+    torch.testing.assert_close(r.double() / r64, torch.ones_like(r64), rtol=TOL[torch.float32][0], atol=0.0)
+
+
+def test_sphere_conv_compiled_with_inductor_at_scale_1e30():
+    """The compiled layer (Inductor, CPU: float32 squares and their scaled copy) against the eager one (float64
+    squares where float32 overflowed), on inputs of scale 1 and 1e30 (the same graph: no branch on data)."""
+    torch.manual_seed(0)
+    layer = SphereConv2d(3, 8, 3, padding=1, operator="linear")
+    compiled = torch.compile(layer, fullgraph=True)
+    for scale in (1.0, 1e30):
+        x = (scale * torch.randn(4, 3, 8, 8)).requires_grad_(True)
+        out, out_c = layer(x), compiled(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        (grad_c,) = torch.autograd.grad(out_c.square().sum(), x)
+        assert bool(torch.isfinite(out_c).all()) and bool(torch.isfinite(grad_c).all())
+        assert_close(out_c, out)
+        assert_close(grad_c / grad.abs().max(), grad / grad.abs().max())
+    torch._dynamo.reset()
 
 
 # --- SphereLinear -------------------------------------------------------------------------------------------------

@@ -228,11 +228,12 @@ def test_sphere_conv_at_scale(nd, operator, groups, impl, memory_efficient, scal
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("operator", ("linear", "learnable_sigmoid"))
+@pytest.mark.parametrize("operator", OPERATORS)
 @pytest.mark.parametrize("nd", (1, 2, 3))
 def test_sphere_conv_at_scale_inside_a_trace(nd, operator, scale, monkeypatch):
     """Inside torch.compile / torch.export the patch norm cannot branch on data: on CPU its float32 squares come
-    with a scaled copy for the overflowed ones (``patch_rnorm_pair_kernel``), still as exact as float64."""
+    with a scaled copy for the overflowed ones (``patch_rnorm_pair_kernel``), still as exact as float64; dL/dr is
+    summed from dL/dz there."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     test_sphere_conv_at_scale(nd, operator, 2, "fused", True, scale)
 

@@ -11,9 +11,12 @@ that a kernel's cost reads as a number of passes: cosine does only memory traffi
 polynomials of :mod:`torchsphere.functional.fast_math`, an exp (sigmoid forward), a log (sigmoid from the output) and
 divisions, and where that arithmetic costs more than the traffic the kernel is compute-bound.
 
-Beside it, the same kernels compiled with the Python floats -- pi, the polynomials' coefficients, the clamp bounds,
-the sigmoid k -- as run-time inputs of the generated code (the default of recent PyTorch, ``torch._dynamo.config
-.specialize_float = False``), which the library avoids by compiling them as constants (``fused._call_compiled``).
+Beside it, the same kernels compiled in two of PyTorch's defaults that the library changes for them: with the
+Python floats -- pi, the polynomials' coefficients, the clamp bounds, the sigmoid k -- as run-time inputs of the
+generated code (``torch._dynamo.config.specialize_float = False``), which the library avoids by compiling them as
+constants (``fused._call_compiled``), and with the C++ compiler's floating-point contraction off
+(``torch._inductor.config.cpp.enable_floating_point_contract_flag = "off"``), where the library compiles its kernels
+with ``"fast"`` (``fused.KERNEL_OPTIONS``: each multiply-add of the polynomials becomes one fused multiply-add).
 
 Inputs: z uniform in [-0.9, 0.9] with r = 1 (so the cosines cover the domain without the clamp), dL/dout normal,
 k = 0.3 (``learnable_sigmoid``: a per-channel tensor of 0.3, so dL/dk is computed and reduced). Each thread count is
@@ -21,8 +24,9 @@ measured in a fresh process (``OMP_NUM_THREADS=N``, ``torch.set_num_threads(N)``
 that they do not run beside the timing); every kernel runs twice to compile and warm up, then all run interleaved in
 a rotated order, each call after writing a 512 MiB scratch tensor (not timed), which evicts the tensors of the
 call before from the caches: a kernel reads its inputs from memory, as inside a training step, where the
-convolutions between two passes over a tensor push it out. A cell is the median over rounds. About 2.5 minutes per thread count on an idle 2-core x86_64 CPU
-once Inductor's on-disk cache holds the kernels (the first run compiles 24, a few minutes more).
+convolutions between two passes over a tensor push it out. A cell is the median over rounds. About 3.5 minutes per
+thread count on an idle 2-core x86_64 CPU once Inductor's on-disk cache holds the kernels (the first run compiles
+36, a few minutes more).
 
 Usage:
     python benchmarks/bench_kernels.py                 # (128, 32, 28, 28), threads 1 and 2, writes bench_kernels
@@ -49,7 +53,8 @@ from torchsphere.functional import fused  # noqa: E402
 
 OPERATORS = ("cosine", "linear", "sigmoid", "learnable_sigmoid")
 KERNELS = ("forward", "backward from z", "backward from the output")
-FLOATS = ("constants", "inputs")  # how the compiled kernels take Python floats
+# how the compiled kernels take Python floats and whether the C++ compiler contracts a * b + c into one instruction
+MODES = ("constants", "inputs", "uncontracted")
 SHAPE = (128, 32, 28, 28)  # the first stage of SphereNet-9 at width 0.25 on 28x28x1, batch 128
 QUICK_SHAPE = (2, 8, 8, 8)
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -78,16 +83,20 @@ def kernel_calls(t: dict) -> dict[str, Callable[[], object]]:
                                                 True, t["need_k"], workspace=True)}
 
 
-def in_mode(call, floats: str, caches: dict[str, dict]):
-    """``call`` with the kernels compiled in the given float mode (each mode keeps its own compiled copies)."""
+def in_mode(call, mode: str, caches: dict[str, dict]):
+    """``call`` with the kernels compiled in the given mode of :data:`MODES` (each keeps its own compiled copies):
+    the library's (``constants``), the floats as run-time inputs, or the constants without floating-point
+    contraction."""
     def run():
-        saved = fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS
-        fused._COMPILED = caches[floats]
-        fused._CAN_SPECIALIZE_FLOATS = saved[1] and floats == "constants"
+        saved = fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS, fused.KERNEL_OPTIONS
+        fused._COMPILED = caches[mode]
+        fused._CAN_SPECIALIZE_FLOATS = saved[1] and mode != "inputs"
+        if mode == "uncontracted":
+            fused.KERNEL_OPTIONS = {**saved[2], "cpp.enable_floating_point_contract_flag": "off"}
         try:
             call()
         finally:
-            fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS = saved
+            fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS, fused.KERNEL_OPTIONS = saved
     return run
 
 
@@ -95,15 +104,15 @@ def child(job: dict) -> None:
     with H.child_context(job) as result:
         fused.COMPILE_MIN_NUMEL = 0  # every kernel compiled, also on the --quick shape
         fused.compile_kernel = partial(fused.compile_kernel, backend=job["backend"])
-        caches: dict[str, dict] = {mode: {} for mode in FLOATS}
+        caches: dict[str, dict] = {mode: {} for mode in MODES}
         shape = tuple(job["shape"])
         a, b = torch.randn(shape), torch.empty(shape)
         steps = {PASS: partial(torch.mul, a, 1.5, out=b)}
         for operator in job["operators"]:
             calls = kernel_calls(tail_inputs(shape, operator))
             for kernel in KERNELS:
-                for floats in FLOATS:
-                    steps[f"{operator}|{kernel}|{floats}"] = in_mode(calls[kernel], floats, caches)
+                for mode in MODES:
+                    steps[f"{operator}|{kernel}|{mode}"] = in_mode(calls[kernel], mode, caches)
         for step in steps.values():  # compile and warm up, then let the compile workers' load settle
             step()
             step()
@@ -164,20 +173,20 @@ def main(argv: list[str] | None = None) -> int:
 
     headers = ["operator", "kernel"]
     for t in threads:
-        headers += [f"{t} thr", f"{t} thr, passes", f"{t} thr, floats as inputs"]
+        headers += [f"{t} thr", f"{t} thr, passes", f"{t} thr, floats as inputs", f"{t} thr, no contraction"]
     rows = [["one pass (`torch.mul(a, s, out=b)`)", "—"]]
     for t in threads:
-        rows[0] += [f"{done[t]['ms'][PASS]:.2f} ms" if t in done else "failed", "1.0", "—"]
+        rows[0] += [f"{done[t]['ms'][PASS]:.2f} ms" if t in done else "failed", "1.0", "—", "—"]
     for operator in args.operators:
         for kernel in KERNELS:
             row = [operator, kernel]
             for t in threads:
                 if t not in done:
-                    row += ["failed"] * 3
+                    row += ["failed"] * 4
                     continue
                 key = f"{operator}|{kernel}|"
                 row += [f"{done[t]['ms'][key + 'constants']:.2f} ms", f"{done[t]['passes'][key + 'constants']:.1f}",
-                        f"{done[t]['ms'][key + 'inputs']:.2f} ms"]
+                        f"{done[t]['ms'][key + 'inputs']:.2f} ms", f"{done[t]['ms'][key + 'uncontracted']:.2f} ms"]
             rows.append(row)
     wall = time.perf_counter() - start
     md = "\n".join([
@@ -189,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         "process, each call after a write of a 512 MiB scratch tensor that evicts the caches. `passes`: the kernel's time over one pass over the tensor (a read and a write) in the same round, "
         "median over rounds. `floats as inputs`: the same kernel compiled with the Python floats (pi, the "
         "polynomials' coefficients, the clamp bounds, k) as run-time inputs of the generated code, PyTorch's default; "
-        "the library compiles them as constants. The backward kernels write dL/dz into a buffer and reduce dL/dr "
+        "the library compiles them as constants. `no contraction`: the library's kernel compiled with the C++ "
+        "compiler's floating-point contraction off (PyTorch's default, "
+        "`torch._inductor.config.cpp.enable_floating_point_contract_flag`); the library compiles its kernels with "
+        "`\"fast\"`, which makes each multiply-add one fused multiply-add instruction. The backward kernels write "
+        "dL/dz into a buffer and reduce dL/dr "
         "(and dL/dk for `learnable_sigmoid`) in the same kernel, as on the CPU training path.", "",
         *H.markdown_table(headers, rows, 2),
         H.status_note(True, len(done) < len(threads)).strip()])

@@ -319,24 +319,29 @@ def test_bench_kernels_writes_a_row_per_operator_and_kernel(tmp_path):
     text = doc.read_text()
     assert "kept" in text and "<!-- bench_kernels:start -->" in text and "Run incomplete" not in text
     section = text[text.index("<!-- bench_kernels:start -->"):]
-    assert "| operator | kernel | 1 thr | 1 thr, passes | 1 thr, floats as inputs |" in section
-    assert re.search(r"\| one pass \(`torch.mul\(a, s, out=b\)`\) \| — \| [\d.]+ ms \| 1.0 \| — \|", section)
+    assert ("| operator | kernel | 1 thr | 1 thr, passes | 1 thr, floats as inputs | 1 thr, no contraction |"
+            in section)
+    assert re.search(r"\| one pass \(`torch.mul\(a, s, out=b\)`\) \| — \| [\d.]+ ms \| 1.0 \| — \| — \|", section)
     for operator in ("cosine", "learnable_sigmoid"):
         for kernel in bench_kernels.KERNELS:
-            assert re.search(rf"\| {operator} \| {kernel} \| [\d.]+ ms \| [\d.]+ \| [\d.]+ ms \|", section)
+            assert re.search(rf"\| {operator} \| {kernel} \| [\d.]+ ms \| [\d.]+ \| [\d.]+ ms \| [\d.]+ ms \|",
+                             section)
     assert "linear" not in section.split("| operator |")[1]  # only the operators asked for
 
 
-def test_bench_kernels_float_modes_keep_their_own_kernels_and_restore_the_library():
-    caches = {mode: {} for mode in bench_kernels.FLOATS}
-    seen = []
-    before = (bench_kernels.fused._COMPILED, bench_kernels.fused._CAN_SPECIALIZE_FLOATS)
-    for mode in bench_kernels.FLOATS:
-        bench_kernels.in_mode(lambda: seen.append((bench_kernels.fused._COMPILED,
-                                                   bench_kernels.fused._CAN_SPECIALIZE_FLOATS)), mode, caches)()
-    assert seen[0][0] is caches["constants"] and seen[0][1] == before[1]
-    assert seen[1] == (caches["inputs"], False)
-    assert (bench_kernels.fused._COMPILED, bench_kernels.fused._CAN_SPECIALIZE_FLOATS) == before
+def test_bench_kernels_modes_keep_their_own_kernels_and_restore_the_library():
+    fused = bench_kernels.fused
+    caches = {mode: {} for mode in bench_kernels.MODES}
+    seen = {}
+    before = (fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS, fused.KERNEL_OPTIONS)
+    for mode in bench_kernels.MODES:
+        bench_kernels.in_mode(lambda m=mode: seen.setdefault(m, (fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS,
+                                                                 dict(fused.KERNEL_OPTIONS))), mode, caches)()
+    contract = "cpp.enable_floating_point_contract_flag"
+    assert seen["constants"] == (caches["constants"], before[1], before[2]) and before[2][contract] == "fast"
+    assert seen["inputs"] == (caches["inputs"], False, before[2])
+    assert seen["uncontracted"] == (caches["uncontracted"], before[1], {**before[2], contract: "off"})
+    assert (fused._COMPILED, fused._CAN_SPECIALIZE_FLOATS, fused.KERNEL_OPTIONS) == before
 
 
 @pytest.mark.parametrize("argv, message", [

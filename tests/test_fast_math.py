@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from torchsphere.functional import fused
 from torchsphere.functional.fast_math import (ACOS_POLY_MAX_ERR, SINCOS_POLY_MAX_ERR, acos_poly, asin_poly,
                                               cos_half_pi, sin_cos_half_pi, sin_half_pi)
 from torchsphere.functional.operators import ACOS_EPS
@@ -50,3 +51,20 @@ def test_cos_half_pi_is_relatively_accurate_where_it_vanishes():
 
 def test_outside_the_domain_is_nan_as_torch():
     assert torch.isnan(acos_poly(torch.tensor([1.5, -1.5]))).all()
+
+
+def _all_polynomials(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (acos_poly(x), asin_poly(x), *sin_cos_half_pi(x), cos_half_pi(x))
+
+
+def test_bounds_hold_in_the_compiled_kernels_with_fused_multiply_adds():
+    """The library compiles its kernels with floating-point contraction (``fused.KERNEL_OPTIONS``): each multiply-add
+    becomes one fused multiply-add, rounded once. The bounds hold for that arithmetic too (Inductor's C++ code)."""
+    assert fused.KERNEL_OPTIONS["cpp.enable_floating_point_contract_flag"] == "fast"
+    acos_, asin_, sin_, cos_, cos_rel = fused.compile_kernel(_all_polynomials)(X32)
+    assert _max_err(acos_, torch.acos(EXACT)) <= ACOS_POLY_MAX_ERR
+    assert _max_err(asin_, torch.asin(EXACT)) <= ACOS_POLY_MAX_ERR
+    want_s, want_c = torch.sin(math.pi / 2 * EXACT), torch.cos(math.pi / 2 * EXACT)
+    assert max(_max_err(sin_, want_s), _max_err(cos_, want_c), _max_err(cos_rel, want_c)) <= SINCOS_POLY_MAX_ERR
+    keep = want_c.abs() > 1e-3
+    assert ((cos_rel.double() - want_c) / want_c)[keep].abs().max().item() < 1e-6

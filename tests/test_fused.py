@@ -493,6 +493,22 @@ def test_kernel_signatures_never_reach_the_recompile_limit(monkeypatch):
     assert len({key[1] for key in fused._COMPILED if key[0] == "patch_rnorm"}) > limit  # one per geometry
 
 
+def test_kernels_compile_with_fused_multiply_adds_and_their_own_options(monkeypatch):
+    """Inductor compiles every kernel with floating-point contraction ("fast": a * b + c as one fused multiply-add,
+    PyTorch's default being "off"); a kernel's own options are added to that, and override it; other backends get
+    no options."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs["options"]) or fn)
+    fused.compile_kernel(fused.tail_forward)
+    fused.compile_kernel(fused.tail_forward, options={"realize_opcount_threshold": 7})
+    fused.compile_kernel(fused.tail_forward, options={"cpp.enable_floating_point_contract_flag": "off"})
+    fused.compile_kernel(fused.tail_forward, backend="aot_eager")
+    contract = {"cpp.enable_floating_point_contract_flag": "fast"}
+    assert fused.KERNEL_OPTIONS == contract
+    assert seen == [contract, {**contract, "realize_opcount_threshold": 7},
+                    {"cpp.enable_floating_point_contract_flag": "off"}, None]
+
+
 def test_float_arguments_compile_as_constants_up_to_a_bound(monkeypatch):
     """Each sigmoid k compiles its own copy of a kernel with k (and the module's float constants) as constants of
     the graph, for ``FLOAT_SPECIALIZATIONS`` values; further values share one copy that takes them as inputs.

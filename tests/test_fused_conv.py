@@ -90,3 +90,36 @@ def test_window_sum_transpose_is_the_adjoint(nd, kernel, stride, padding):
     t = fused_conv._window_sum_t(v, s.shape, k, st, p, dil, box)
     assert t.shape == s.shape
     assert_close((out * v).sum(), (s * t).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_normalize_weight_and_its_backward_match_autograd_of_the_float64_reference(dtype, scale):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64) * scale).to(dtype)
+    grad = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+    eps = 1e-12 * scale ** 2  # the same relative eps at every scale (scale^2 of 1e-30 underflows to 0: no eps)
+    w64 = w.to(torch.float64).requires_grad_(True)
+    ref = w64 / torch.sqrt(w64.square().flatten(1).sum(1) + eps).reshape(-1, 1, 1, 1)
+    (ref_grad,) = torch.autograd.grad(ref, w64, grad.to(torch.float64))
+    w_hat, w_scale = fused_conv.normalize_weight(w, eps)
+    # float32 weights of ordinary size are normalized in float32; squares that overflow or underflow, in float64
+    assert w_hat.dtype == dtype and w_scale.shape == (5,)
+    assert w_scale.dtype == (torch.float32 if dtype == torch.float32 and scale == 1.0 else torch.float64)
+    torch.testing.assert_close(w_hat.to(torch.float64), ref.detach(), rtol=0, atol=REF_ATOL[dtype])
+    grad_w = fused_conv.normalize_weight_backward(grad, w, w_hat, w_scale)
+    assert grad_w.dtype == dtype and torch.isfinite(grad_w).all()
+    torch.testing.assert_close(grad_w.to(torch.float64) * scale, ref_grad * scale, rtol=0,
+                               atol=REF_ATOL[dtype] * ref_grad.abs().max().item() * scale)
+
+
+def test_normalize_weight_backward_falls_back_to_float64_where_the_float32_dot_overflows():
+    w = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    grad = torch.tensor([[3e38, 3e38], [1.0, 2.0]])  # <w_hat, g> = 4.2e38 overflows float32, its true result does not
+    w_hat, w_scale = fused_conv.normalize_weight(w, 1e-12)
+    assert w_scale.dtype == torch.float32
+    got = fused_conv.normalize_weight_backward(grad, w, w_hat, w_scale)
+    w64 = w.to(torch.float64).requires_grad_(True)
+    (ref,) = torch.autograd.grad(w64 / w64.norm(dim=1, keepdim=True), w64, grad.to(torch.float64))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.to(torch.float64), ref, rtol=1e-5, atol=0)

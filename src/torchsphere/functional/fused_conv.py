@@ -4,13 +4,13 @@ Liu et al., *Deep Hyperspherical Learning*, NIPS 2017 (arXiv 1711.03189). :mod:`
 the tail one node; this module makes the whole layer one node (:class:`SphereConvFn`), so that nothing of the layer
 runs as a separate autograd op and every full-size pass is one loop:
 
-- forward: w_hat = w / sqrt(|w|^2 + eps) (float64 on the small weight), the reciprocal patch norm
+- forward: w_hat = w / sqrt(|w|^2 + eps) (on the small weight), the reciprocal patch norm
   r = 1 / sqrt(box_sum(sum_c x^2) + eps) (one compiled loop over x plus a small window sum; before the
   convolution, while x is still in the cache from the layer that wrote it), z = conv(x, w_hat), then the tail
   g(z r) (+ bias), written over z's buffer when the output is saved;
 - backward: the tail's analytic backward (dL/dz, dL/dr, dL/dk), one ``aten.convolution_backward`` for the input and
   the normalized weight, the patch norm's gradient added to the input gradient in the same buffer in one loop, and
-  the weight normalization's gradient dL/dw = s (g - <w_hat, g> w_hat) with s = 1 / sqrt(|w|^2 + eps) (float64).
+  the weight normalization's gradient dL/dw = s (g - <w_hat, g> w_hat) with s = 1 / sqrt(|w|^2 + eps).
 
 Numerical hazards handled here:
 
@@ -19,7 +19,8 @@ Numerical hazards handled here:
   and, when any is infinite, recomputed in float64 (checked on the small (N, G, *out) result). Inside an outer
   ``torch.compile`` or ``torch.export``, which cannot branch on data, the loop over x on CPU also sums the squares
   of x 2^-80, used where the plain ones overflowed (:func:`patch_rnorm_pair_kernel`); on CUDA, where the check
-  would synchronize, the squares are always accumulated in float64. The filter norm is computed in float64.
+  would synchronize, the squares are always accumulated in float64. The filter norm is computed in float32 on
+  CPU where no square overflows or underflows, else in float64 (:func:`normalize_weight`).
 - **Underflow in the patch norm's gradient.** dL/dx = 2 x box_sum^T(-r^3 dL/dr / 2), and r^3 underflows float32 for
   |patch| > ~5e12. With a per-sample scale a = max r, the factors are regrouped as 2 (x a)(a box_sum^T(v)),
   v = -(r / a)^2 (r dL/dr) / 2, each of which is O(1) or of the output's own scale.
@@ -173,6 +174,48 @@ def patch_rnorm_pair_kernel(x: Tensor, kernel, stride, padding, dilation, groups
     return torch.where(torch.isinf(sq), torch.rsqrt(sq_scaled) * 2.0 ** -_SAFE_SCALE_EXP, torch.rsqrt(sq + eps))
 
 
+_FILTER_SQ_MIN = 1e-20  # a float32 |w|^2 + eps below this may have lost squares to underflow: float64 instead
+
+
+def normalize_weight(weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(w_hat, s): the filters scaled to unit norm, w_hat = s w in ``weight``'s dtype, with the (C_out,) scales
+    s = (|w|^2 + eps)^(-1/2).
+
+    A float32 weight on CPU is normalized in float32 when every |w|^2 is finite and |w|^2 + eps >= 1e-20 (where the
+    squares that underflowed to zero or to subnormals change the sum by less than 1e-18 of itself); otherwise,
+    and on other devices (where the check would synchronize) or inside a trace (which cannot branch on data), in
+    float64, so that the squares of weights as large as 1e30 or as small as 1e-30 neither overflow nor underflow.
+    ``s`` is in the dtype the norm was computed in; :func:`normalize_weight_backward` takes the same path.
+    """
+    shape = (-1, *([1] * (weight.dim() - 1)))
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        sq = weight.square().flatten(1).sum(1)
+        low, high = torch.aminmax(sq)
+        if high.item() < math.inf and low.item() + eps >= _FILTER_SQ_MIN:
+            w_scale = torch.rsqrt(sq + eps)
+            return weight * w_scale.reshape(shape), w_scale
+    w64 = weight.to(torch.float64)
+    w_scale = torch.rsqrt(w64.square().flatten(1).sum(1) + eps)
+    return (w64 * w_scale.reshape(shape)).to(weight.dtype), w_scale
+
+
+def normalize_weight_backward(grad_w_hat: Tensor, weight: Tensor, w_hat: Tensor, w_scale: Tensor) -> Tensor:
+    """dL/dw from dL/dw_hat = g for :func:`normalize_weight`: s (g - <w_hat, g> w_hat) per filter.
+
+    In float32 from the saved w_hat when the forward took the float32 path and <w_hat, g> is finite (|w_hat| = 1,
+    so it overflows only when g nearly does); otherwise in float64 from w and s."""
+    shape = (-1, *([1] * (weight.dim() - 1)))
+    if w_scale.dtype == grad_w_hat.dtype == torch.float32:
+        dot = (grad_w_hat * w_hat).flatten(1).sum(1)
+        if torch.isfinite(dot).all():
+            return torch.addcmul(grad_w_hat, dot.reshape(shape), w_hat, value=-1).mul_(w_scale.reshape(shape))
+    s64 = w_scale.to(torch.float64).reshape(shape)
+    g64 = grad_w_hat.to(torch.float64)
+    wh64 = weight.to(torch.float64) * s64
+    dot = (g64 * wh64).flatten(1).sum(1).reshape(shape)
+    return ((g64 - dot * wh64) * s64).to(weight.dtype)
+
+
 def _grouped(z: Tensor, groups: int) -> tuple[int, ...]:
     n, c_out, *out_sp = z.shape
     return (n, groups, c_out // groups, *out_sp) if groups > 1 else tuple(z.shape)
@@ -197,9 +240,7 @@ class SphereConvFn(torch.autograd.Function):
                 operator: str, eps: float, save_output: bool, inference: bool):
         nd = weight.dim() - 2
         kernel = tuple(weight.shape[2:])
-        w64 = weight.to(torch.float64)
-        w_scale = torch.rsqrt(w64.square().flatten(1).sum(1) + eps)  # (C_out,), float64: no overflow
-        w_hat = (w64 * w_scale.reshape(-1, *([1] * (nd + 1)))).to(weight.dtype)
+        w_hat, w_scale = normalize_weight(weight, eps)
         box = _box_padding(padding, kernel, dilation) is not None
         r = _patch_rnorm(input, kernel, stride, padding, dilation, groups, box, eps, inference)  # (N, G, *out)
         z = _CONV[nd - 1](input, w_hat, None, stride, padding, dilation, groups)  # (N, C_out, *out)
@@ -259,11 +300,8 @@ class SphereConvFn(torch.autograd.Function):
                 box = _box_padding(padding, kernel, dilation) is not None
                 grad_input = _kernel("patch_grad", patch_grad_kernel, input.numel())(
                     grad_input, input, r, grad_r, kernel, stride, padding, dilation, groups, box)
-            if need_w:  # w_hat = s w, s = (|w|^2 + eps)^(-1/2): dL/dw = s (g - <w_hat, g> w_hat)
-                g64 = grad_w_hat.to(torch.float64)
-                wh64 = weight.to(torch.float64) * w_scale.reshape(-1, *([1] * (nd + 1)))
-                dot = (g64 * wh64).flatten(1).sum(1).reshape(-1, *([1] * (nd + 1)))
-                grad_weight = ((g64 - dot * wh64) * w_scale.reshape(-1, *([1] * (nd + 1)))).to(weight.dtype)
+            if need_w:
+                grad_weight = normalize_weight_backward(grad_w_hat, weight, w_hat, w_scale)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum_to_size(channel).reshape(-1)
         if grad_k is not None:

@@ -26,6 +26,7 @@ import _harness as H  # noqa: E402
 import _report  # noqa: E402
 import bench_floor  # noqa: E402
 import bench_kernels  # noqa: E402
+import bench_node  # noqa: E402
 import bench_ops  # noqa: E402
 import bench_train_step  # noqa: E402
 import gpu_report  # noqa: E402
@@ -561,3 +562,48 @@ def test_gpu_sh_default_doc_is_the_docs_on_cuda_and_the_output_folder_on_cpu(tmp
     cpu = gpu_sh("--dry-run", "--device", "cpu", "--out", str(tmp_path / "o")).stdout.splitlines()[0]
     assert cuda.endswith(f"figures into {ROOT / 'docs' / 'benchmarks.md'}")
     assert cpu.endswith(f"figures into {tmp_path / 'o' / 'benchmarks.md'}")
+
+
+def test_bench_node_writes_a_row_per_part_and_a_column_per_thread_count(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    rc = bench_node.main(["--quick", "--backend", "eager", "--threads", "1", "--widths", "0.25", "0.5",
+                          "--doc", str(doc)])
+    assert rc == 0
+    text = doc.read_text()
+    assert "kept" in text and "<!-- bench_node:start -->" in text and "Run incomplete" not in text
+    section = text[text.index("<!-- bench_node:start -->"):]
+    assert "| part | 1 thr |" in section
+    for width in ("0.25", "0.5"):
+        for part in ("forward", "backward"):
+            assert re.search(rf"\| weight normalization, width {width}, {part}, 10 layers \(ms / step\) \| [\d.]+ \|",
+                             section)
+    for mode in bench_node.MODES:
+        for kernels in bench_node.KERNELS:
+            assert re.search(rf"\| fixed cost per layer, {mode}, {kernels} kernels \(µs\) \| -?\d+ \|", section)
+    for call in bench_node.CALLS:
+        assert re.search(rf"\| one forward-tail call, {call} \(µs\) \| [\d.]+ \|", section)
+
+
+def test_bench_node_restores_the_compile_threshold():
+    fused = bench_node.fused
+    before, seen = fused.COMPILE_MIN_NUMEL, []
+    for kernels in bench_node.KERNELS:
+        bench_node.with_kernels(lambda: seen.append(fused.COMPILE_MIN_NUMEL), kernels)()
+    assert seen == [0, before] and fused.COMPILE_MIN_NUMEL == before
+    with pytest.raises(RuntimeError):
+        bench_node.with_kernels(lambda: (_ for _ in ()).throw(RuntimeError("boom")), "compiled")()
+    assert fused.COMPILE_MIN_NUMEL == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds must be > 0; got 0"),
+    (["--threads", "0"], "--threads must be >= 1; got 0"),
+    (["--widths", "0"], "--widths must be > 0; got 0"),
+    (["--backend", "tvm"], "invalid choice: 'tvm'"),
+])
+def test_bench_node_argument_errors_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_node.main(argv + ["--no-write"])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

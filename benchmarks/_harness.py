@@ -176,6 +176,31 @@ def run_child(script: Path, job: dict, threads: int, timeout_s: float | None,
         Path(out).unlink(missing_ok=True)
 
 
+def run_per_thread(script: Path, name: str, job: dict, threads: Sequence[int],
+                   extra_env: dict[str, str] | None = None) -> dict[int, dict]:
+    """Runs one :func:`run_child` of ``job`` per thread count, no time limit; returns the results of those that
+    finished, by thread count. A failed child is reported on stderr and left out; progress goes to stdout."""
+    done: dict[int, dict] = {}
+    for t in threads:
+        try:
+            done[t] = run_child(script, job, t, None, extra_env)
+        except ChildError as err:
+            print(f"{name}: {t} thread(s) failed: {err}", file=sys.stderr)
+        print(f"{name}: {t} thread(s): {'done' if t in done else 'failed'}", flush=True)
+    return done
+
+
+def finished_section(title: str, command: str, machine: str, start: float, load_start: float,
+                     done: dict[int, dict], threads: Sequence[int], extra: str, body: Sequence[str]) -> str:
+    """The markdown of a finished per-thread run: ``title``, the line on the command, machine, load and wall time
+    since ``start`` (``perf_counter``) with ``extra`` appended, ``body``, and the note on missing thread counts."""
+    wall = time.perf_counter() - start
+    run = (f"Command: `{command}`. Machine: {machine}. "
+           + load_line(load_start, load1(), list(done.values()), os.cpu_count())
+           + f" Wall time {wall / 60:.1f} min.{extra}")
+    return "\n".join([title, "", run, "", *body, status_note(True, len(done) < len(threads)).strip()])
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, doc: Path) -> None:
     """``--doc``, ``--no-write`` and the hidden ``--child`` (:func:`parse_or_run_child`) of a measuring script."""
     parser.add_argument("--doc", type=Path, default=doc, help="Markdown file to write the section into")

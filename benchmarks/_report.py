@@ -57,3 +57,12 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, doc)
+
+
+def publish(name: str, markdown: str, no_write: bool, doc: Path, complete: bool) -> int:
+    """Prints a finished run's section and writes it to ``doc`` unless ``no_write``; the script's exit code (1 when
+    some part of the run is missing)."""
+    print(markdown)
+    if not no_write:
+        write_section(name, markdown, doc)
+    return 0 if complete else 1

@@ -35,7 +35,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
-from _report import DOC, machine, write_section  # noqa: E402
+from _report import DOC, machine, publish  # noqa: E402
 
 from torchsphere.functional import fused  # noqa: E402
 
@@ -163,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     start, load_start = time.perf_counter(), H.load1()
     job = dict(shape=list(shape), operators=args.operators, rounds=rounds, backend=args.backend,
                settle_s=0 if args.quick else 3, flush_mib=1 if args.quick else FLUSH_MIB)
-    done: dict[int, dict] = {}
-    for t in threads:
-        try:
-            done[t] = H.run_child(Path(__file__), job, t, None, {"TORCHINDUCTOR_COMPILE_THREADS": "1"})
-        except H.ChildError as err:
-            print(f"bench_kernels: {t} thread(s) failed: {err}", file=sys.stderr)
-        print(f"bench_kernels: {t} thread(s): {'done' if t in done else 'failed'}", flush=True)
+    done = H.run_per_thread(Path(__file__), "bench_kernels", job, threads, {"TORCHINDUCTOR_COMPILE_THREADS": "1"})
 
     headers = ["operator", "kernel"]
     for t in threads:
@@ -188,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 row += [f"{done[t]['ms'][key + 'constants']:.2f} ms", f"{done[t]['passes'][key + 'constants']:.1f}",
                         f"{done[t]['ms'][key + 'inputs']:.2f} ms", f"{done[t]['ms'][key + 'uncontracted']:.2f} ms"]
             rows.append(row)
-    wall = time.perf_counter() - start
-    md = "\n".join([
-        "## The fused tail's kernels, each against one memory pass (bench_kernels, cpu, float32)", "",
-        f"Command: `{command}`. Machine: {machine('cpu')}. "
-        + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
-        + f" Wall time {wall / 60:.1f} min. Compiler: {args.backend}.", "",
+    md = H.finished_section(
+        "## The fused tail's kernels, each against one memory pass (bench_kernels, cpu, float32)",
+        command, machine("cpu"), start, load_start, done, threads, f" Compiler: {args.backend}.", [
         f"Output shape {shape}, float32; medians over {rounds} interleaved rounds, each thread count in a fresh "
         "process, each call after a write of a 512 MiB scratch tensor that evicts the caches. `passes`: the kernel's time over one pass over the tensor (a read and a write) in the same round, "
         "median over rounds. `floats as inputs`: the same kernel compiled with the Python floats (pi, the "
@@ -205,11 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "dL/dz into a buffer and reduce dL/dr "
         "(and dL/dk for `learnable_sigmoid`) in the same kernel, as on the CPU training path.", "",
         *H.markdown_table(headers, rows, 2),
-        H.status_note(True, len(done) < len(threads)).strip()])
-    print(md)
-    if not args.no_write:
-        write_section("bench_kernels", md, args.doc)
-    return 0 if len(done) == len(threads) else 1
+        ])
+    return publish("bench_kernels", md, args.no_write, args.doc, len(done) == len(threads))
 
 
 if __name__ == "__main__":

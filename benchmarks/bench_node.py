@@ -28,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
-from _report import DOC, machine, write_section  # noqa: E402
+from _report import DOC, machine, publish  # noqa: E402
 
 from torchsphere.functional import fused  # noqa: E402
 from torchsphere.functional.fused_conv import normalize_weight, normalize_weight_backward  # noqa: E402
@@ -208,20 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/bench_node.py", *(sys.argv[1:] if argv is None else argv)])
     start, load_start = time.perf_counter(), H.load1()
     job = dict(widths=widths, rounds=rounds, backend=args.backend, inner=1 if args.quick else 10)
-    done: dict[int, dict] = {}
-    for t in threads:
-        try:
-            done[t] = H.run_child(Path(__file__), job, t, None, {"TORCHINDUCTOR_COMPILE_THREADS": "1"})
-        except H.ChildError as err:
-            print(f"bench_node: {t} thread(s) failed: {err}", file=sys.stderr)
-        print(f"bench_node: {t} thread(s): {'done' if t in done else 'failed'}", flush=True)
+    done = H.run_per_thread(Path(__file__), "bench_node", job, threads, {"TORCHINDUCTOR_COMPILE_THREADS": "1"})
     headers, rows = render(done, threads, widths)
-    wall = time.perf_counter() - start
-    md = "\n".join([
-        "## A SphereConv2d layer beyond its convolutions and kernels (bench_node, cpu, float32)", "",
-        f"Command: `{command}`. Machine: {machine('cpu')}. "
-        + H.load_line(load_start, H.load1(), list(done.values()), os.cpu_count())
-        + f" Wall time {wall / 60:.1f} min. Compiler: {args.backend}.", "",
+    md = H.finished_section(
+        "## A SphereConv2d layer beyond its convolutions and kernels (bench_node, cpu, float32)",
+        command, machine("cpu"), start, load_start, done, threads, f" Compiler: {args.backend}.", [
         f"Medians over {rounds} interleaved rounds, each thread count in a fresh process. Weight normalization: "
         "`normalize_weight` and `normalize_weight_backward` over every SphereConv2d weight of SphereNet-9 "
         "(32x32x3 input), float32 weights, per training step. Fixed cost per layer: cosine "
@@ -231,11 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "call: the library's wrapper (`fused._kernel`), the compiled callable directly (Dynamo's entry and "
         "guards), the eager function.", "",
         *H.markdown_table(headers, rows, 1),
-        H.status_note(True, len(done) < len(threads)).strip()])
-    print(md)
-    if not args.no_write:
-        write_section("bench_node", md, args.doc)
-    return 0 if len(done) == len(threads) else 1
+        ])
+    return publish("bench_node", md, args.no_write, args.doc, len(done) == len(threads))
 
 
 if __name__ == "__main__":
